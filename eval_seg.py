@@ -1,0 +1,1064 @@
+"""
+eval_seg.py: zero-shot semantic segmentation with a CLIP model, measured the way papers measure it.
+
+The idea. CLIP (Radford et al. 2021) puts whole images and captions in one space. If the ViT's
+PATCH tokens land in that same space, every patch can be classified by the class name it is most
+similar to, with no segmentation training at all:
+
+    f_p   = proj(ln_post(x_p)) / |.|              patch p's feature in the joint space   [E]
+    t_c   = text classifier of class c (below)                                            [E]
+    l_pc  = <f_p, t_c>                            cosine logit, upsampled to pixels
+    P_pc  = softmax_c(tau * l_pc),  pred_p = argmax_c P_pc      (tau: a fixed logit scale, 40)
+
+This is where SILC (Naeem et al. 2023, arXiv 2310.13355) and MaskCLIP (Dong et al. 2022, arXiv
+2208.12262) show what their local objectives are for: dense features that line up with text.
+
+Text classifier (CLIP's prompt ensembling). Each class has one or more names (synonyms); each name
+n is written into every template T_j ("a photo of a {}."), encoded and normalised, averaged, and
+renormalised:  t_n = normalise( mean_j normalise(g(T_j(n))) ). A class scores the MAX over its
+names: P_c = max_{n in c} softmax_n(tau * l_pn) (softmax over all names, as SCLIP does; the argmax
+is the same as taking the max over names of the logits).
+
+Dense features: plain CLIP's patch tokens are poorly localised; four ways to read them, all
+training-free and all applied to the LAST block only, by hand, without touching weights or the
+model's normal forward (x: tokens entering the last block, h = ln_1(x), q/k/v: its projections):
+    naive      x1 = x + Attn(h);                  x2 = x1 + MLP(ln_2(x1))    (the normal forward)
+    maskclip   x1 = x + out_proj(v);              x2 = x1 + MLP(ln_2(x1))    (Zhou et al. ECCV 2022:
+               attention replaced by the identity, each patch keeps its own value)
+    sclip      A = softmax(q q^T/sqrt d) + softmax(k k^T/sqrt d);  x1 = x + out_proj(A v);
+               x2 = x1 + MLP(ln_2(x1))                        (SCLIP, Wang et al. 2023, arXiv 2312.01597)
+    clearclip  A = softmax(q q^T/sqrt d);  x2 = out_proj(A v)  (no residual, no MLP; ClearCLIP,
+               Lan et al. ECCV 2024, arXiv 2407.12442)
+    then f = normalise(proj(ln_post(x2))) for the patch tokens.
+
+Inference (the SCLIP / ClearCLIP / NACLIP protocol): resize the short side to S (336; Cityscapes
+560), slide a crop x crop window (224) with a stride (112); per window: cosine logits at patch
+resolution, bilinearly upsampled to the window; windows averaged where they overlap; upsampled to
+the ORIGINAL image size (the ground truth is never resized); scale, softmax, argmax. Datasets with a
+background class use background prompts and/or a probability threshold (pixels whose best class
+probability is below it become background).
+
+Metric: one confusion matrix over all pixels of the dataset (ignore label 255), per class
+IoU_c = TP_c / (TP_c + FP_c + FN_c), mIoU = mean over the classes with a non-zero union; pixel
+accuracy = trace / total. fg-mIoU (mean over the foreground classes only) when there is a background.
+Results are reported in PERCENT, like the papers.
+
+Run:
+    python eval_seg.py --ckpt out/ckpt.pt                                 # shapes val split
+    python eval_seg.py --ckpt out/ckpt.pt --dataset voc20 --root /data/VOCdevkit --dense maskclip
+Writes <out_dir>/seg_metrics.json, seg_grid.png (image | ground truth | prediction) and
+seg_pca_XXX.png (the first 3 principal components of the patch features as RGB: semantic features
+paint each object in one colour).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from clip import CLIP, CLIPConfig
+from data import BACKGROUND_NAMES, CLIP_MEAN, CLIP_STD, SHAPES_TEMPLATES, ByteTokenizer, ShapesDataset
+
+IGNORE_INDEX = 255
+CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
+DENSE_MODES = ("naive", "maskclip", "sclip", "clearclip")
+
+# -----------------------------------------------------------------------------------------------
+# Prompt templates
+# -----------------------------------------------------------------------------------------------
+# The 80 prompt templates OpenAI used for zero-shot ImageNet (CLIP, Radford et al. 2021), which the
+# zero-shot segmentation papers (MaskCLIP-trick, SCLIP, ClearCLIP, NACLIP) reuse unchanged.
+OPENAI_TEMPLATES = [
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+]
+# The 7-template subset that OpenAI's prompt-engineering notebook found best on ImageNet.
+SHORT_TEMPLATES = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+
+
+def get_templates(templates) -> list[str]:
+    """"openai" | "short" | "shapes" | a list of strings with "{}" -> the list of templates."""
+    if isinstance(templates, str):
+        table = {"openai": OPENAI_TEMPLATES, "short": SHORT_TEMPLATES, "shapes": list(SHAPES_TEMPLATES)}
+        if templates not in table:
+            raise ValueError(f"unknown templates {templates!r}; choose one of {sorted(table)} or pass a list")
+        templates = table[templates]
+    templates = list(templates)
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"templates must be a non-empty list of strings containing '{{}}'; bad: {bad}")
+    return templates
+
+
+# -----------------------------------------------------------------------------------------------
+# Text classifier
+# -----------------------------------------------------------------------------------------------
+
+def read_class_names(path) -> list[list[str]]:
+    """A class-name file: one class per line, synonyms separated by commas -> [[name, synonym, ...], ...]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file {path} not found (one class per line, synonyms "
+                                f"separated by commas)")
+    classes = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        names = [n.strip() for n in line.split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"{path}, line {i + 1}: empty class name (every line must name one class)")
+        classes.append(names)
+    if not classes:
+        raise ValueError(f"{path} holds no class names")
+    return classes
+
+
+@torch.no_grad()
+def build_text_classifier(model, tokenizer, class_names, templates, batch_size=256, device=None):
+    """Embed every synonym of every class with prompt ensembling.
+
+    class_names: list (one entry per class) of lists of synonyms; a class with an empty list gets no
+    text query (used for a background class that is decided by a threshold instead).
+    Returns (weights [Q, E], query_class [Q] long): one L2-normalised row per synonym (query) and
+    the class index each row belongs to; a class's score is the max over its rows.
+      weights[q] = normalise( mean_j normalise(encode_text(template_j.format(name_q))) )
+    device: where the tokens go (default: the model's device).
+    """
+    templates = get_templates(templates)
+    names, query_class = [], []
+    for c, synonyms in enumerate(class_names):
+        for name in synonyms:
+            names.append(name)
+            query_class.append(c)
+    if not names:
+        raise ValueError("no class has a name: nothing to classify with")
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    prompts = [t.format(n) for n in names for t in templates]          # Q * T prompts, name-major
+    embeds = []
+    for i in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[i:i + batch_size]).to(device)        # [b, L]
+        # The text tower is causal and pools at the first EOT, which never sees later positions:
+        # cutting the padding after the latest EOT changes nothing and skips most of the compute.
+        is_eot = tokens == model.config.eot_token_id
+        if bool(is_eot.any(dim=1).all()):
+            tokens = tokens[:, :int(is_eot.float().argmax(dim=1).max()) + 1]
+        embeds.append(model.encode_text(tokens, normalize=True).float())  # [b, E]
+    embeds = torch.cat(embeds).view(len(names), len(templates), -1)    # [Q, T, E]
+    weights = F.normalize(embeds.mean(dim=1), dim=-1)                  # [Q, E]
+    return weights, torch.tensor(query_class, dtype=torch.long, device=device)
+
+
+def classifier_scores(features, classifier, num_classes=None):
+    """Zero-shot classification scores: features [..., E] (L2-normalised) and a classifier from
+    build_text_classifier -> [..., C] cosine similarity, max over each class's synonyms
+    (-inf for a class without a query)."""
+    weights, query_class = classifier
+    sims = features.float() @ weights.to(features.device).T             # [..., Q]
+    C = int(query_class.max()) + 1 if num_classes is None else num_classes
+    out = sims.new_full(sims.shape[:-1] + (C,), float("-inf"))
+    index = query_class.to(sims.device).expand(sims.shape)
+    return out.scatter_reduce(-1, index, sims, reduce="amax", include_self=True)
+
+
+# -----------------------------------------------------------------------------------------------
+# Dense features: the last block, read four ways
+# -----------------------------------------------------------------------------------------------
+
+def _heads(attn, h):
+    """q, k, v of an Attention module (in_proj rows = [W_q; W_k; W_v]), split into heads: each [B, nh, T, d]."""
+    B, T, D = h.shape
+    nh = attn.num_heads
+    q, k, v = attn.in_proj(h).chunk(3, dim=-1)                         # each [B, T, D]
+    return [t.reshape(B, T, nh, D // nh).transpose(1, 2) for t in (q, k, v)]
+
+
+def _merge(y):
+    """[B, nh, T, d] -> [B, T, nh * d]."""
+    B, nh, T, d = y.shape
+    return y.transpose(1, 2).reshape(B, T, nh * d)
+
+
+def last_block_tricks(block, x, dense):
+    """Run the last Block on x [B, T, D] with the attention swapped as `dense` says -> [B, T, D].
+
+    Only reads the block's weights; the block itself (and so the model's forward) is untouched.
+    """
+    h = block.ln_1(x)                                                  # [B, T, D]
+    q, k, v = _heads(block.attn, h)                                    # each [B, nh, T, d]
+    scale = q.shape[-1] ** -0.5
+    if dense == "maskclip":
+        # Identity attention: every token keeps its own value vector (Zhou et al. ECCV 2022).
+        x = x + block.attn.out_proj(_merge(v))
+        return x + block.mlp(block.ln_2(x))
+    if dense == "sclip":
+        # Correlative self-attention: tokens attend to tokens with similar queries / keys. The two
+        # softmaxes are summed as in the SCLIP paper (rows sum to 2; no renormalisation).
+        a = (q @ q.transpose(-1, -2) * scale).softmax(-1) + (k @ k.transpose(-1, -2) * scale).softmax(-1)
+        x = x + block.attn.out_proj(_merge(a @ v))                     # a: [B, nh, T, T]
+        return x + block.mlp(block.ln_2(x))
+    if dense == "clearclip":
+        # q-q attention, and drop the residual and the MLP, whose output is what makes CLIP's
+        # patch features noisy (Lan et al. ECCV 2024).
+        a = (q @ q.transpose(-1, -2) * scale).softmax(-1)              # [B, nh, T, T]
+        return block.attn.out_proj(_merge(a @ v))
+    raise ValueError(f"unknown dense mode {dense!r}; choose one of {DENSE_MODES}")
+
+
+@torch.no_grad()
+def dense_features(model, images, dense="naive"):
+    """Patch features in the joint space, L2-normalised: images [B, 3, H, W] -> [B, H/p, W/p, E].
+
+    H and W must be multiples of the patch size p. See the module docstring for the four modes.
+    """
+    if dense not in DENSE_MODES:
+        raise ValueError(f"unknown dense mode {dense!r}; choose one of {DENSE_MODES}")
+    vit = model.visual
+    B, _, H, W = images.shape
+    p = model.config.patch_size
+    if dense == "naive":
+        _, tokens = vit(images)                                        # [B, 1+N, D], after ln_post
+        patches = tokens[:, 1:]                                        # [B, N, D]
+    else:
+        x = vit.embed(images)                                          # [B, 1+N, D]
+        for blk in vit.blocks[:-1]:
+            x = blk(x)
+        x = last_block_tricks(vit.blocks[-1], x, dense)                # [B, 1+N, D]
+        patches = vit.ln_post(x[:, 1:])                                # [B, N, D]
+    feats = F.normalize(vit.proj(patches).float(), dim=-1)             # [B, N, E]
+    return feats.reshape(B, H // p, W // p, -1)                        # [B, h, w, E]
+
+
+# -----------------------------------------------------------------------------------------------
+# Inference: whole image or sliding window
+# -----------------------------------------------------------------------------------------------
+
+def window_logits(model, crops, text_weights, dense="naive"):
+    """Cosine logits of one batch of windows: crops [B, 3, h, w] -> [B, Q, h, w].
+
+    The crop is zero-padded (bottom/right) to a multiple of the patch size (zero = the mean colour
+    after normalisation), logits are computed per patch, bilinearly upsampled to the padded size,
+    and the padding is cut off again.
+    """
+    B, _, h, w = crops.shape
+    p = model.config.patch_size
+    ph, pw = math.ceil(h / p) * p, math.ceil(w / p) * p
+    if (ph, pw) != (h, w):
+        crops = F.pad(crops, (0, pw - w, 0, ph - h))
+    feats = dense_features(model, crops, dense)                        # [B, ph/p, pw/p, E]
+    logits = torch.einsum("bhwe,qe->bqhw", feats, text_weights.to(feats.dtype))  # [B, Q, ph/p, pw/p]
+    logits = F.interpolate(logits, size=(ph, pw), mode="bilinear", align_corners=False)
+    return logits[:, :, :h, :w]                                        # [B, Q, h, w]
+
+
+def window_boxes(H, W, crop, stride):
+    """Sliding-window boxes (y1, y2, x1, x2) covering an H x W image (mmsegmentation's "slide" rule).
+
+    Windows start every `stride` pixels; the last one is shifted back to end at the border, and a
+    window never exceeds the image (an image smaller than the crop is one window).
+    """
+    if stride <= 0 or stride > crop:
+        raise ValueError(f"need 0 < stride <= crop (else pixels are skipped), got crop {crop}, stride {stride}")
+    n_y = max(H - crop + stride - 1, 0) // stride + 1
+    n_x = max(W - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for iy in range(n_y):
+        for ix in range(n_x):
+            y2, x2 = min(iy * stride + crop, H), min(ix * stride + crop, W)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+def sliding_window_logits(images, logit_fn, crop, stride, window_batch=16):
+    """Average logit_fn over overlapping windows: images [B, 3, H, W] -> [B, Q, H, W].
+
+    logit_fn(crops [b, 3, h, w]) -> [b, Q, h, w] is injectable (tests feed a known function). All
+    windows have the same size, so up to `window_batch` of them go through logit_fn at once.
+    """
+    B, _, H, W = images.shape
+    boxes = window_boxes(H, W, crop, stride)
+    total, count = None, torch.zeros(1, 1, H, W, device=images.device)
+    for i in range(0, len(boxes), window_batch):
+        chunk = boxes[i:i + window_batch]
+        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # [n*B, 3, h, w]
+        out = logit_fn(crops)                                          # [n*B, Q, h, w]
+        if total is None:
+            total = images.new_zeros(B, out.shape[1], H, W, dtype=out.dtype)
+        for j, (y1, y2, x1, x2) in enumerate(chunk):
+            total[:, :, y1:y2, x1:x2] += out[j * B:(j + 1) * B]
+            count[:, :, y1:y2, x1:x2] += 1
+    return total / count                                               # every pixel is covered >= once
+
+
+@torch.no_grad()
+def predict_logits(model, images, text_weights, dense="naive", crop=None, stride=None,
+                   out_size=None, logit_fn=None):
+    """Per-query cosine logits at pixel level: images [B, 3, H, W] (normalised) -> [B, Q, H', W'].
+
+    crop=None: whole-image inference; else sliding windows (crop, stride). out_size=(H', W'): the
+    averaged logits are bilinearly upsampled to it (the original image size); None keeps (H, W).
+    logit_fn: the per-window function (default: window_logits with this model and text).
+    """
+    if logit_fn is None:
+        def logit_fn(crops):
+            return window_logits(model, crops, text_weights, dense)
+    if crop is None:
+        logits = logit_fn(images)                                      # [B, Q, H, W]
+    else:
+        logits = sliding_window_logits(images, logit_fn, crop, stride if stride is not None else crop)
+    if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
+        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return logits
+
+
+def class_probabilities(logits, query_class, num_classes, logit_scale=40.0):
+    """logits [B, Q, H, W] (cosine, one per query) -> class probabilities [B, C, H, W].
+
+    Softmax over all queries of logit_scale * logits, then each class takes the max over its
+    queries. A class without queries gets probability 0.
+    """
+    probs = (logit_scale * logits).softmax(dim=1)                      # [B, Q, H, W]
+    B, Q, H, W = probs.shape
+    out = probs.new_zeros(B, num_classes, H, W)
+    index = query_class.to(probs.device).view(1, Q, 1, 1).expand(B, Q, H, W)
+    return out.scatter_reduce(1, index, probs, reduce="amax", include_self=True)  # [B, C, H, W]
+
+
+def predict_classes(probs, prob_thresh=0.0, background_index=None):
+    """Class probabilities [B, C, H, W] -> label map [B, H, W]; pixels whose best probability is
+    below prob_thresh become background_index (if there is one)."""
+    best, pred = probs.max(dim=1)                                      # [B, H, W] each
+    if prob_thresh > 0 and background_index is not None:
+        pred[best < prob_thresh] = background_index
+    return pred
+
+
+@torch.no_grad()
+def segment(model, images, text_weights, query_class, num_classes, dense="naive", crop=None,
+            stride=None, out_size=None, logit_scale=40.0, prob_thresh=0.0, background_index=None,
+            logit_fn=None):
+    """Normalised images [B, 3, H, W] -> predicted labels [B, H', W'] (the whole pipeline)."""
+    logits = predict_logits(model, images, text_weights, dense, crop, stride, out_size, logit_fn)
+    probs = class_probabilities(logits, query_class, num_classes, logit_scale)
+    return predict_classes(probs, prob_thresh, background_index)
+
+
+# -----------------------------------------------------------------------------------------------
+# Metric: one confusion matrix over the whole dataset
+# -----------------------------------------------------------------------------------------------
+
+class ConfusionMatrix:
+    """counts[t, p] = number of pixels with ground truth t predicted as p (ignore_index skipped)."""
+
+    def __init__(self, num_classes, ignore_index=IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, pred, target):
+        """pred, target: integer tensors of the same shape."""
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        pred, target = pred.flatten().long().cpu(), target.flatten().long().cpu()
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        C = self.num_classes
+        if len(target) and (target.min() < 0 or target.max() >= C):
+            raise ValueError(f"ground-truth labels must be in [0, {C}) or {self.ignore_index}, "
+                             f"found {sorted(set(target.unique().tolist()) - set(range(C)))}")
+        if len(pred) and (pred.min() < 0 or pred.max() >= C):
+            raise ValueError(f"predicted labels must be in [0, {C})")
+        self.counts += torch.bincount(target * C + pred, minlength=C * C).view(C, C)
+
+
+def miou_from_confusion(counts, background_index=None):
+    """Confusion counts [C, C] (rows = truth) -> dict of metrics (fractions; NaN IoU = absent class).
+
+    iou[c] = TP / (TP + FP + FN), NaN where the union is 0 (class neither present nor predicted);
+    miou = mean over classes with a union; fg_miou = the same without background_index.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    tp = counts.diag()                                                 # [C]
+    union = counts.sum(0) + counts.sum(1) - tp                         # [C]  pred + truth - both
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    total = counts.sum()
+    out = {"iou": iou.tolist(),
+           "miou": float(iou.nanmean()) if bool((union > 0).any()) else float("nan"),
+           "pixel_acc": float(tp.sum() / total) if total > 0 else float("nan")}
+    if background_index is not None:
+        fg = torch.cat([iou[:background_index], iou[background_index + 1:]])
+        out["fg_miou"] = float(fg.nanmean()) if bool((~fg.isnan()).any()) else float("nan")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# Datasets: standard layouts and label conventions
+# -----------------------------------------------------------------------------------------------
+
+def read_image(path):
+    """Any image file -> uint8 tensor [3, H, W] (RGB)."""
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def read_label_png(path):
+    """A label PNG -> int64 array [H, W] of class indices.
+
+    Palette PNGs (mode "P", e.g. VOC) are read as their palette INDICES, never converted to RGB;
+    grayscale PNGs (mode "L"/"I") as their values. An RGB mask is a colour rendering, not labels.
+    """
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: label image has mode {im.mode!r}; expected a palette ('P') or "
+                             f"grayscale ('L') PNG of class indices (colour-rendered masks cannot be read)")
+        return np.array(im).astype(np.int64)
+
+
+def reduce_zero_label(label):
+    """mmsegmentation's convention: 0 (background / "other") -> 255 (ignored), every other class - 1."""
+    label = label.copy()
+    label[label == 0] = IGNORE_INDEX
+    label -= 1                                                         # 255 (old 0 and old void) -> 254
+    label[label == IGNORE_INDEX - 1] = IGNORE_INDEX                    # ... -> 255 again: both ignored
+    return label
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A list of (image file, label file) pairs and the conventions to read them.
+
+    Items: dict(image=uint8 [3, H, W], mask=long [H, W] (255 = ignore), name=str).
+    Attributes used by evaluate_segmentation: name, class_names (list of synonym lists, one per
+    label id), background_index (label id of the background class, or None).
+    """
+
+    def __init__(self, name, pairs, class_names, background_index=None, reduce_zero_label=False, hint=""):
+        self.name, self.pairs, self.class_names = name, list(pairs), class_names
+        self.background_index = background_index
+        self.reduce_zero_label = reduce_zero_label
+        self.hint = hint                                               # shown when a label is out of range
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_path, label_path = self.pairs[i]
+        image = read_image(img_path)                                   # [3, H, W] uint8
+        label = read_label_png(label_path)                             # [H, W] int64
+        if self.reduce_zero_label:
+            label = reduce_zero_label(label)
+        if label.shape != tuple(image.shape[1:]):
+            raise ValueError(f"{label_path}: label size {label.shape} differs from image size "
+                             f"{tuple(image.shape[1:])} of {img_path}")
+        bad = np.setdiff1d(np.unique(label), np.r_[np.arange(len(self.class_names)), IGNORE_INDEX])
+        if len(bad):
+            raise ValueError(f"{label_path}: label values {bad.tolist()[:10]} are not class ids "
+                             f"0..{len(self.class_names) - 1} or {IGNORE_INDEX}. {self.hint}")
+        return {"image": image, "mask": torch.from_numpy(label), "name": Path(img_path).stem}
+
+
+LAYOUTS = {
+    "voc": """VOCdevkit/                      (--root: VOCdevkit or VOCdevkit/VOC2012)
+  VOC2012/
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png     palette PNG: 0 background, 1-20 classes, 255 void
+    ImageSets/Segmentation/val.txt one <id> per line""",
+    "context": """VOCdevkit/                      (--root: VOCdevkit or VOCdevkit/VOC2010)
+  VOC2010/
+    JPEGImages/<id>.jpg
+    SegmentationClassContext/<id>.png   0 background, 1-59 classes (mmsegmentation's
+                                        tools/dataset_converters/pascal_context.py writes these)
+    ImageSets/SegmentationContext/val.txt""",
+    "ade": """ADEChallengeData2016/            (--root: it or its parent)
+  images/validation/*.jpg
+  annotations/validation/*.png     0 other (ignored), 1-150 classes""",
+    "cityscapes": """cityscapes/                     (--root)
+  leftImg8bit/val/<city>/<name>_leftImg8bit.png
+  gtFine/val/<city>/<name>_gtFine_labelTrainIds.png   0-18, 255 ignore (made by cityscapesscripts'
+                                                       createTrainIdLabelImgs)""",
+    "cocostuff": """coco_stuff164k/                 (--root)
+  images/val2017/<id>.jpg
+  annotations/val2017/<id>_labelTrainIds.png   0-170, 255 ignore (made by mmsegmentation's
+                                               tools/dataset_converters/coco_stuff164k.py)""",
+    "folder": """<root>/
+  images/<name>.jpg|.png
+  masks/<name>.png                 palette or grayscale PNG of class ids, 255 = ignore
+  classes.txt                      one class per line (synonyms separated by commas), line i = id i""",
+}
+
+
+def _layout_error(kind, root, problem):
+    return FileNotFoundError(f"{problem}\n(looked under {root})\nExpected layout:\n{LAYOUTS[kind]}")
+
+
+def _find_dir(root, candidates, marker, kind):
+    """The first of root/<candidate> that contains `marker`; else a FileNotFoundError showing the layout."""
+    root = Path(root)
+    for cand in candidates:
+        if (root / cand / marker).exists():
+            return root / cand
+    raise _layout_error(kind, root, f"{marker} not found")
+
+
+def _pairs_from_list(base, list_file, img_dir, img_ext, label_dir, kind):
+    """(image, label) pairs for the ids listed in list_file; missing files -> error."""
+    if not (base / list_file).is_file():
+        raise _layout_error(kind, base, f"split file {list_file} not found")
+    ids = [s.strip() for s in (base / list_file).read_text().splitlines() if s.strip()]
+    pairs = [(base / img_dir / f"{i}{img_ext}", base / label_dir / f"{i}.png") for i in ids]
+    missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
+    if missing or not pairs:
+        raise _layout_error(kind, base, f"{len(missing)} listed files missing, e.g. {missing[:3]}"
+                            if missing else f"{list_file} lists no images")
+    return pairs
+
+
+def _pairs_by_stem(img_files, label_for, kind, root):
+    """Pair each image with label_for(image path); any missing label or no image -> error."""
+    img_files = sorted(img_files)
+    if not img_files:
+        raise _layout_error(kind, root, "no images found")
+    pairs = [(p, label_for(p)) for p in img_files]
+    missing = [str(l) for _, l in pairs if not l.is_file()]
+    if missing:
+        raise _layout_error(kind, root, f"{len(missing)} label files missing, e.g. {missing[:3]}")
+    return pairs
+
+
+def voc_dataset(root, with_background=False):
+    """Pascal VOC 2012 val (1449 images). voc21: background is class 0; voc20: reduce-zero-label."""
+    base = _find_dir(root, [".", "VOC2012", "VOCdevkit/VOC2012"], "JPEGImages", "voc")
+    pairs = _pairs_from_list(base, "ImageSets/Segmentation/val.txt", "JPEGImages", ".jpg",
+                             "SegmentationClass", "voc")
+    name = "voc21" if with_background else "voc20"
+    return SegmentationDataset(name, pairs, read_class_names(CLASSNAMES_DIR / f"{name}.txt"),
+                               background_index=0 if with_background else None,
+                               reduce_zero_label=not with_background)
+
+
+def context_dataset(root, with_background=False):
+    """Pascal Context val (5105 images). context60: background is class 0; context59: reduce-zero-label."""
+    base = _find_dir(root, [".", "VOC2010", "VOCdevkit/VOC2010"], "SegmentationClassContext", "context")
+    pairs = _pairs_from_list(base, "ImageSets/SegmentationContext/val.txt", "JPEGImages", ".jpg",
+                             "SegmentationClassContext", "context")
+    name = "context60" if with_background else "context59"
+    return SegmentationDataset(name, pairs, read_class_names(CLASSNAMES_DIR / f"{name}.txt"),
+                               background_index=0 if with_background else None,
+                               reduce_zero_label=not with_background)
+
+
+def ade_dataset(root):
+    """ADE20K (SceneParsing) val, 2000 images: 0 = other -> ignored, 1..150 -> 0..149."""
+    base = _find_dir(root, [".", "ADEChallengeData2016"], "images/validation", "ade")
+    pairs = _pairs_by_stem((base / "images/validation").glob("*.jpg"),
+                           lambda p: base / "annotations/validation" / f"{p.stem}.png", "ade", base)
+    return SegmentationDataset("ade150", pairs, read_class_names(CLASSNAMES_DIR / "ade150.txt"),
+                               reduce_zero_label=True)
+
+
+def cityscapes_dataset(root):
+    """Cityscapes val, 500 images, labelTrainIds (0-18, 255)."""
+    base = _find_dir(root, [".", "cityscapes"], "leftImg8bit/val", "cityscapes")
+
+    def label_for(p):
+        stem = p.name[: -len("_leftImg8bit.png")]
+        return base / "gtFine/val" / p.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+
+    pairs = _pairs_by_stem((base / "leftImg8bit/val").glob("*/*_leftImg8bit.png"), label_for,
+                           "cityscapes", base)
+    return SegmentationDataset("cityscapes", pairs, read_class_names(CLASSNAMES_DIR / "cityscapes19.txt"),
+                               hint="Use the *_gtFine_labelTrainIds.png files, not labelIds.")
+
+
+def cocostuff_dataset(root):
+    """COCO-Stuff 164k val2017, 5000 images, labelTrainIds (0-170, 255)."""
+    base = _find_dir(root, [".", "coco_stuff164k"], "images/val2017", "cocostuff")
+    pairs = _pairs_by_stem((base / "images/val2017").glob("*.jpg"),
+                           lambda p: base / "annotations/val2017" / f"{p.stem}_labelTrainIds.png",
+                           "cocostuff", base)
+    return SegmentationDataset("cocostuff171", pairs, read_class_names(CLASSNAMES_DIR / "cocostuff171.txt"),
+                               hint="Use the *_labelTrainIds.png files from the mmseg converter.")
+
+
+def folder_dataset(root, background_index="auto"):
+    """A generic folder: images/, masks/ (same stem, .png), classes.txt. Labels are used as they are.
+
+    background_index: "auto" = the class whose first name is "background" (if any); an int; or None.
+    """
+    root = Path(root)
+    if not (root / "classes.txt").is_file() or not (root / "images").is_dir() or not (root / "masks").is_dir():
+        raise _layout_error("folder", root, "classes.txt, images/ or masks/ not found")
+    class_names = read_class_names(root / "classes.txt")
+    if background_index == "auto":
+        firsts = [c[0].lower() for c in class_names]
+        background_index = firsts.index("background") if "background" in firsts else None
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    pairs = _pairs_by_stem([p for p in (root / "images").iterdir() if p.suffix.lower() in exts],
+                           lambda p: root / "masks" / f"{p.stem}.png", "folder", root)
+    return SegmentationDataset(root.name or "folder", pairs, class_names, background_index=background_index)
+
+
+# The background's names for its text prompts: the words the shapes captions use for it.
+SHAPES_BACKGROUND_NAMES = ("background",) + tuple(f"{kind} background" for kind in BACKGROUND_NAMES)
+
+
+class ShapesSegmentation(torch.utils.data.Dataset):
+    """data.py's procedural shapes, seen as a segmentation dataset: label 0 = background, k = shape class k.
+
+    class_names: [background names] + [[name] for each shape class]; background_index = 0.
+    """
+
+    def __init__(self, split="val", size=64, seed=0, length=None, background_names=SHAPES_BACKGROUND_NAMES):
+        kwargs = {} if length is None else {"length": length}
+        self.shapes = ShapesDataset(split=split, size=size, seed=seed, **kwargs)
+        self.name = f"shapes-{split}"
+        self.class_names = [list(background_names)] + [[n] for n in self.shapes.class_names]
+        self.background_index = 0
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        item = self.shapes[i]
+        return {"image": item["image"], "mask": item["mask"].long(), "name": f"{i:05d}"}
+
+
+def load_dataset(name, root=None, **kwargs):
+    """Dataset by name: shapes | voc20 | voc21 | context59 | context60 | ade150 | cityscapes |
+    cocostuff171 | folder. kwargs go to the reader (e.g. shapes: split, size, seed, length)."""
+    if name == "shapes":
+        return ShapesSegmentation(**kwargs)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs --root (the dataset folder)")
+    if not Path(root).exists():
+        raise FileNotFoundError(f"dataset root {root} does not exist")
+    if name in ("voc20", "voc21"):
+        return voc_dataset(root, with_background=name == "voc21")
+    if name in ("context59", "context60"):
+        return context_dataset(root, with_background=name == "context60")
+    if name == "ade150":
+        return ade_dataset(root)
+    if name == "cityscapes":
+        return cityscapes_dataset(root)
+    if name == "cocostuff171":
+        return cocostuff_dataset(root)
+    if name == "folder":
+        return folder_dataset(root, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASET_DEFAULTS)}")
+
+
+# The protocol per dataset (SCLIP / ClearCLIP configs). short_side=0: keep the native size;
+# crop=0: whole-image inference. prob_thresh: below it a pixel becomes background (0 = off).
+_REFERENCE = dict(short_side=336, crop=224, stride=112, logit_scale=40.0, templates="openai",
+                  bg_prompts=False, prob_thresh=0.0)
+DATASET_DEFAULTS = {
+    # Shapes images are tiny (64 px, the training size): whole image, native resolution. Background
+    # by its own prompts: the captions name it ("... on a striped background") in 1 of 5 samples.
+    # (Untuned: pick bg_prompts / prob_thresh on the "tune" split, never on val.)
+    "shapes": dict(short_side=0, crop=0, stride=0, logit_scale=40.0, templates="shapes",
+                   bg_prompts=True, prob_thresh=0.0),
+    "voc20": _REFERENCE,
+    "voc21": dict(_REFERENCE, bg_prompts=True, prob_thresh=0.1),   # SCLIP: background names + 0.1
+    "context59": _REFERENCE,
+    "context60": dict(_REFERENCE, bg_prompts=True, prob_thresh=0.1),
+    "ade150": _REFERENCE,
+    "cityscapes": dict(_REFERENCE, short_side=560),
+    "cocostuff171": _REFERENCE,
+    "folder": dict(_REFERENCE, bg_prompts=True),
+}
+
+
+def dataset_defaults(dataset):
+    """The protocol settings for a dataset object (by its name; shapes-* -> shapes, unknown -> folder)."""
+    name = dataset.name.split("-")[0] if dataset.name.startswith("shapes") else dataset.name
+    return dict(DATASET_DEFAULTS.get(name, DATASET_DEFAULTS["folder"]))
+
+
+# -----------------------------------------------------------------------------------------------
+# Pictures
+# -----------------------------------------------------------------------------------------------
+
+# 20 colours that stay distinguishable side by side (S. Trubetskoy's list of distinct colours).
+DISTINCT_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+                    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+                    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)]
+
+
+def class_palette(num_classes, background_index=None):
+    """Colours [C, 3] uint8 for label maps: the 20 distinct colours first (the background, if any,
+    black), then hues spread by the golden ratio for datasets with more classes."""
+    colours = list(DISTINCT_COLOURS)
+    for c in range(len(colours), num_classes):
+        hue = (c * 0.618033988749895) % 1.0
+        value = (1.0, 0.75, 0.55)[c % 3]
+        hsv = Image.new("HSV", (1, 1), (int(hue * 255), 200, int(value * 255)))
+        colours.append(hsv.convert("RGB").getpixel((0, 0)))
+    if background_index is not None:                 # shift so the first classes keep the best colours
+        colours.insert(background_index, (0, 0, 0))
+    return np.array(colours[:num_classes], dtype=np.uint8).reshape(num_classes, 3)
+
+
+def colourise(label, palette):
+    """Label map [H, W] (255 = ignore, drawn white) -> RGB uint8 [H, W, 3]."""
+    label = np.asarray(label)
+    out = np.full(label.shape + (3,), 255, dtype=np.uint8)
+    valid = label != IGNORE_INDEX
+    out[valid] = palette[label[valid]]
+    return out
+
+
+def pca_rgb(features):
+    """Patch features [h, w, E] -> uint8 RGB [h, w, 3]: the first 3 principal components, each
+    min-max scaled to 0..255 (patches with similar features get similar colours)."""
+    h, w, E = features.shape
+    x = features.reshape(h * w, E).double()
+    x = x - x.mean(dim=0, keepdim=True)                               # [N, E] centred
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)                # vh: [min(N,E), E]
+    comps = x @ vh[:3].T                                               # [N, <=3]
+    if comps.shape[1] < 3:
+        comps = torch.cat([comps, comps.new_zeros(h * w, 3 - comps.shape[1])], dim=1)
+    lo, hi = comps.min(dim=0).values, comps.max(dim=0).values
+    comps = (comps - lo) / (hi - lo).clamp(min=1e-12)
+    return (comps * 255).round().byte().reshape(h, w, 3).numpy()
+
+
+def _panel(array, height, nearest):
+    """HxWx3 uint8 -> a PIL image scaled to `height` pixels high (aspect kept)."""
+    im = Image.fromarray(array)
+    width = max(1, round(im.width * height / im.height))
+    return im.resize((width, height), Image.NEAREST if nearest else Image.BILINEAR)
+
+
+def save_prediction_grid(rows, class_names, path, background_index=None, panel_height=192):
+    """rows: list of (image uint8 [3,H,W], truth [H,W], prediction [H,W]). Writes a PNG: one row per
+    image (image | ground truth | prediction) and a colour legend of the classes that appear."""
+    palette = class_palette(len(class_names), background_index)
+    font = ImageFont.load_default()
+    panels = []
+    for image, truth, pred in rows:
+        panels.append([_panel(image.permute(1, 2, 0).numpy(), panel_height, nearest=False),
+                       _panel(colourise(truth, palette), panel_height, nearest=True),
+                       _panel(colourise(pred, palette), panel_height, nearest=True)])
+    col_w = [max(r[j].width for r in panels) for j in range(3)]
+    gap, head = 4, 16
+    width = sum(col_w) + 4 * gap
+    present = sorted(set(np.unique(np.concatenate([np.ravel(t) for _, t, p in rows] +
+                                                  [np.ravel(p) for _, t, p in rows])).tolist()))
+    entries = [(class_names[c][0], tuple(int(v) for v in palette[c])) for c in present if c != IGNORE_INDEX]
+    if IGNORE_INDEX in present:
+        entries.append(("ignore", (255, 255, 255)))
+    entry_w = 150
+    per_line = max(1, (width - gap) // entry_w)
+    legend_h = 18 * math.ceil(len(entries) / per_line) + gap
+    height = head + len(rows) * (panel_height + gap) + gap + legend_h
+    canvas = Image.new("RGB", (width, height), (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for j, title in enumerate(("image", "ground truth", "prediction")):
+        draw.text((x, 2), title, fill=(255, 255, 255), font=font)
+        x += col_w[j] + gap
+    for i, row in enumerate(panels):
+        x, y = gap, head + i * (panel_height + gap)
+        for j, im in enumerate(row):
+            canvas.paste(im, (x, y))
+            x += col_w[j] + gap
+    y0 = head + len(rows) * (panel_height + gap) + gap
+    for k, (name, colour) in enumerate(entries):
+        x, y = gap + (k % per_line) * entry_w, y0 + (k // per_line) * 18
+        draw.rectangle([x, y, x + 13, y + 13], fill=colour, outline=(255, 255, 255))
+        draw.text((x + 18, y), name[:20], fill=(255, 255, 255), font=font)
+    canvas.save(path)
+
+
+def save_pca_picture(image, features, path, panel_height=192):
+    """image uint8 [3, H, W] and its patch features [h, w, E] -> PNG: image | PCA RGB map."""
+    left = _panel(image.permute(1, 2, 0).numpy(), panel_height, nearest=False)
+    right = _panel(pca_rgb(features), panel_height, nearest=True)
+    canvas = Image.new("RGB", (left.width + right.width + 4, panel_height), (40, 40, 40))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 4, 0))
+    canvas.save(path)
+
+
+# -----------------------------------------------------------------------------------------------
+# Preprocessing and the evaluation loop
+# -----------------------------------------------------------------------------------------------
+
+def preprocess(images, short_side=None):
+    """uint8 (or float in [0, 1]) images [B, 3, H, W] -> float, short side resized to short_side
+    (bilinear, aspect kept, like mmcv's rescale), normalised with CLIP's mean / std."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if short_side is not None:
+        H, W = x.shape[-2:]
+        s = short_side / min(H, W)
+        size = (int(H * s + 0.5), int(W * s + 0.5))
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", templates=None,
+                          short_side=None, crop=None, stride=None, logit_scale=None, bg_prompts=None,
+                          prob_thresh=None, batch_size=32, max_images=None, out_dir=None, n_pictures=8,
+                          progress=True, device=None, root=None, image_size=64):
+    """Zero-shot segmentation of a whole dataset -> metrics dict (also written to out_dir/seg_metrics.json).
+
+    model: an unwrapped CLIP (not DDP / compiled); its train/eval mode is restored afterwards.
+    dataset: an object from load_dataset (with .name, .class_names, .background_index), or a name
+    for load_dataset (with `root`; for "shapes", the val split at `image_size` pixels).
+    Settings left at None take the dataset's protocol (DATASET_DEFAULTS); short_side=0 keeps the
+    native size, crop=0 means whole-image inference. bg_prompts: give the background class its text
+    names; prob_thresh: best class probability below which a pixel becomes background (0 = off).
+    Images of the same size are batched (batch_size). device: default the model's device.
+    Returned metrics are in PERCENT: miou, fg_miou (None without a background class), pixel_acc,
+    per_class_iou {first class name: IoU or None if the class has no union}.
+    """
+    if isinstance(dataset, str):
+        dataset = (load_dataset("shapes", split="val", size=image_size) if dataset == "shapes"
+                   else load_dataset(dataset, root))
+    settings = dataset_defaults(dataset)
+    given = dict(templates=templates, logit_scale=logit_scale, bg_prompts=bg_prompts, prob_thresh=prob_thresh,
+                 short_side=short_side, crop=crop, stride=stride)
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if settings["crop"] and not settings["stride"]:
+        settings["stride"] = settings["crop"]
+    settings.update(dense=dense, dataset=dataset.name, batch_size=batch_size)
+    if dense not in DENSE_MODES:
+        raise ValueError(f"unknown dense mode {dense!r}; choose one of {DENSE_MODES}")
+    class_names, bg = dataset.class_names, dataset.background_index
+    C = len(class_names)
+    if bg is not None and not settings["bg_prompts"] and settings["prob_thresh"] <= 0:
+        raise ValueError("the dataset has a background class but neither bg_prompts nor prob_thresh > 0 "
+                         "is set: background could never be predicted")
+    text_names = [[] if (c == bg and not settings["bg_prompts"]) else names for c, names in enumerate(class_names)]
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    text_weights, query_class = build_text_classifier(model, tokenizer, text_names, settings["templates"],
+                                                      device=device)
+    conf = ConfusionMatrix(C)
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    pictures, pca_done = [], 0
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    bar = tqdm(total=n, desc=f"seg {dataset.name} ({dense})", disable=not progress)
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        # Batch the images that share a size (all of them for shapes; real datasets vary).
+        groups = {}
+        for item in items:
+            groups.setdefault(tuple(item["image"].shape), []).append(item)
+        for group in groups.values():
+            raw = torch.stack([it["image"] for it in group])             # [b, 3, H, W]
+            truth = torch.stack([it["mask"] for it in group])            # [b, H, W]
+            images = preprocess(raw.to(device), settings["short_side"] or None)  # [b, 3, H', W']
+            pred = segment(model, images, text_weights, query_class, C, dense=dense, crop=settings["crop"] or None,
+                           stride=settings["stride"], out_size=truth.shape[-2:],
+                           logit_scale=settings["logit_scale"], prob_thresh=settings["prob_thresh"],
+                           background_index=bg).cpu()                    # [b, H, W]
+            conf.update(pred, truth)
+            if out_dir is not None and pca_done < n_pictures:
+                for j in range(min(len(group), n_pictures - pca_done)):
+                    pictures.append((raw[j], truth[j].numpy(), pred[j].numpy()))
+                    feats = _whole_image_features(model, images[j:j + 1], dense)  # [h, w, E]
+                    save_pca_picture(raw[j], feats, os.path.join(out_dir, f"seg_pca_{pca_done:03d}.png"))
+                    pca_done += 1
+        bar.update(len(items))
+    bar.close()
+    model.train(was_training)
+
+    m = miou_from_confusion(conf.counts, bg)
+
+    def pct(v):                                        # fraction -> percent; NaN (no union) -> None
+        return None if v is None or math.isnan(v) else round(100 * v, 4)
+
+    firsts = [names[0] for names in class_names]
+    keys = firsts if len(set(firsts)) == C else [f"{c}:{name}" for c, name in enumerate(firsts)]
+    result = {"dataset": dataset.name, "num_images": n, "miou": pct(m["miou"]),
+              "fg_miou": pct(m["fg_miou"]) if bg is not None else None,
+              "pixel_acc": pct(m["pixel_acc"]),
+              "per_class_iou": {key: pct(v) for key, v in zip(keys, m["iou"])},
+              "seconds": round(time.time() - t0, 2), "settings": settings}
+    if out_dir is not None:
+        if pictures:
+            save_prediction_grid(pictures, class_names, os.path.join(out_dir, "seg_grid.png"), bg)
+        with open(os.path.join(out_dir, "seg_metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _whole_image_features(model, images, dense):
+    """Dense features of the whole (resized) image, padded to a multiple of the patch size: [h, w, E]."""
+    p = model.config.patch_size
+    H, W = images.shape[-2:]
+    images = F.pad(images, (0, (-W) % p, 0, (-H) % p))
+    return dense_features(model, images, dense)[0].cpu()
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints and the command line
+# -----------------------------------------------------------------------------------------------
+
+def load_model_from_checkpoint(path, device="cpu"):
+    """A train.py checkpoint -> (model in eval mode on device, tokenizer).
+
+    Expects torch.load(path) = {"model": CLIP state_dict, "model_config": dict of CLIPConfig fields}.
+    The tokenizer is the byte tokenizer the model was trained with. (Public CLIP checkpoints, with
+    their BPE tokenizer, are to be added here.)
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        keys = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a dict with 'model' (state dict) and 'model_config' "
+                         f"(CLIPConfig fields), found {keys}")
+    config = CLIPConfig(**ckpt["model_config"])
+    model = CLIP(config)
+    # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), ByteTokenizer(context_length=config.context_length)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Zero-shot semantic segmentation with a CLIP checkpoint.")
+    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    ap.add_argument("--dataset", default="shapes", choices=sorted(DATASET_DEFAULTS))
+    ap.add_argument("--root", default=None, help="dataset folder (not needed for shapes)")
+    ap.add_argument("--split", default="val", help="shapes split (val | tune | val_single | ...)")
+    ap.add_argument("--dense", default="naive", choices=DENSE_MODES)
+    ap.add_argument("--out_dir", default=None, help="default: the checkpoint's folder")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    ap.add_argument("--templates", default=None, help="openai | short | shapes (default: per dataset)")
+    ap.add_argument("--short_side", type=int, default=None, help="0 = native size")
+    ap.add_argument("--crop", type=int, default=None, help="sliding-window crop; 0 = whole image")
+    ap.add_argument("--stride", type=int, default=None)
+    ap.add_argument("--whole", action="store_true", help="whole-image inference (no sliding window)")
+    ap.add_argument("--logit_scale", type=float, default=None)
+    ap.add_argument("--bg_prompts", type=int, default=None, choices=(0, 1), help="give background its names")
+    ap.add_argument("--prob_thresh", type=float, default=None, help="below it a pixel becomes background")
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--max_images", type=int, default=None)
+    ap.add_argument("--n_pictures", type=int, default=8)
+    ap.add_argument("--size", type=int, default=None, help="shapes image size (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="shapes seed")
+    args = ap.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer = load_model_from_checkpoint(args.ckpt, device)
+    if args.dataset == "shapes":
+        size = args.size or model.config.image_size
+        dataset = load_dataset("shapes", split=args.split, size=size, seed=args.seed)
+    else:
+        dataset = load_dataset(args.dataset, args.root)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    result = evaluate_segmentation(
+        model, tokenizer, dataset, dense=args.dense, templates=args.templates,
+        short_side=args.short_side, crop=0 if args.whole else args.crop, stride=args.stride,
+        logit_scale=args.logit_scale, bg_prompts=None if args.bg_prompts is None else bool(args.bg_prompts),
+        prob_thresh=args.prob_thresh, batch_size=args.batch_size, max_images=args.max_images,
+        out_dir=out_dir, n_pictures=args.n_pictures)
+    fg = f"  fg-mIoU {result['fg_miou']:.2f}" if result["fg_miou"] is not None else ""
+    print(f"{result['dataset']} ({args.dense}): mIoU {result['miou']:.2f}{fg}  pixel acc "
+          f"{result['pixel_acc']:.2f}  ({result['num_images']} images) -> {out_dir}/seg_metrics.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,553 @@
+"""Training objectives: image-text contrastive losses, self-distillation, masked prediction.
+
+Everything a training step turns into a scalar lives here, next to the small modules that
+produce what the losses compare (the DINO projection head and the masked-prediction decoders).
+
+1. Contrastive losses (CLIP, Radford et al. 2021; SigLIP, Zhai et al. 2023)
+   Image i and caption i are a positive pair; every other caption in the batch is a negative.
+   With L2-normalised embeddings x_i, y_j and a learned temperature t = exp(s):
+     softmax / CLIP:  L = 1/2 [ CE_rows(t X Y^T) + CE_rows(t Y X^T) ],   target of row i = i
+     sigmoid / SigLIP: L = -(1/B) sum_ij log sigmoid(z_ij (t x_i.y_j + b)),  z_ii = +1, else -1
+   CLIP asks "which caption in this batch is mine?" (one softmax per row); SigLIP asks, for every
+   pair on its own, "do these two belong together?" (no normalisation over the batch).
+
+   Under DistributedDataParallel (DDP) every rank holds a shard of b pairs of the global batch of
+   B = W * b (W ranks). The negatives should be the whole global batch, so features are gathered
+   from all ranks, and the question is how to do that so the gradient is right. DDP AVERAGES
+   parameter gradients over ranks, so the rule is:
+       mean over ranks r of  d(loss_r)/d(theta)   must equal   d(global loss)/d(theta).
+   The "local loss" scheme (open_clip, used for all its large models) satisfies it:
+     - gather every rank's features WITH gradient (`gather_with_grad`: the backward pass sends the
+       gradient of each gathered copy back to the rank that owns it and sums it there);
+     - each rank scores only ITS OWN b rows against all B columns ([b, B] logits, not [B, B]),
+       labels = arange(b) + rank * b, mean over its b rows.
+     The global loss is then exactly the mean over ranks of the local losses, and with the
+     summing backward, DDP's average yields exactly the gradient of the global loss. Memory and
+     compute per rank are O(b * B) instead of O(B^2): this is the version that scales.
+   Two tempting alternatives:
+     (a) plain `torch.distributed.all_gather`: WRONG gradient. Its outputs are cut from the
+         autograd graph, so the other ranks' features are constants. If both sides of the logits
+         come from the gathered copies there is no gradient at all and the loss never falls. The
+         usual patch (put the local tensor back into its slot) still loses every term where a
+         feature acts as a NEGATIVE in another rank's rows: with the local loss the encoders'
+         gradient points in a wrong direction; with the full [B, B] loss it has the right
+         direction but is 1/W too small once DDP averages (only the temperature's is right).
+     (b) gather WITH gradient, then the full [B, B] "global" loss on every rank: right gradient,
+         wrong cost. Every rank computes the same loss, so the summing backward hands each rank
+         W times d(global loss)/d(its features): this is the "gradient scaled by world size" of
+         open_clip issue #616 (measured against the plain gather). Under DDP's averaging that W
+         cancels and the result equals the local loss's gradient exactly (the local scheme also
+         has sum over ranks of losses = W * global loss), but every rank builds and
+         differentiates all B^2 logits: W times the compute and memory, which stops scaling.
+         Only if gradients were SUMMED over ranks instead of averaged would both schemes need a
+         1/W, and then (b) and the local loss would still agree with each other.
+   tests/test_losses.py checks all of this numerically with 2 CPU processes.
+
+2. Local-to-global self-distillation (SILC, Naeem et al. 2023, arXiv 2310.13355; machinery of
+   DINO, Caron et al. 2021). An EMA teacher (ema.py) sees the two global crops, the student sees
+   all crops; both pass through a `DINOHead` to K prototype logits. For teacher view q and student
+   view v != q:   H(P_t, P_s) = -sum_k P_t[k] log P_s[k],
+       P_t = softmax((t - c) / tau_t)   (centred and sharpened, no gradient)
+       P_s = softmax(s / tau_s)
+   averaged over all (q, v) pairs. Centring (c is a running mean of teacher outputs) stops one
+   prototype from winning everything; sharpening (tau_t < tau_s) stops the uniform solution.
+   SILC does not publish head size, K, temperatures or centre momentum: we use DINO's values.
+
+3. Masked self-distillation and masked language modelling (MaskCLIP, Dong et al. 2022,
+   arXiv 2208.12262; the patch loss as in iBOT, Zhou et al. 2022). The teacher encodes the full
+   image; its patch tokens become soft codes P_t over K prototypes (an "online quantizer": head +
+   centred, sharpened softmax with its own patch centre). The student encodes the masked image, a
+   1-layer `MaskedPatchDecoder` predicts features at the masked positions, and the loss is the
+   cross-entropy to the teacher codes averaged over masked patches only. For text, 20% of the
+   caption tokens are masked BERT-style (`mlm_mask_tokens`) and a small bidirectional
+   `TextMLMDecoder` predicts them from the text encoder's token features (`mlm_loss`).
+
+Schedules: `teacher_temp_schedule` is here (it belongs to the distillation losses);
+`cosine_schedule` and `momentum_schedule` are in ema.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Token ids of the byte tokenizer (data.py): PAD 0, SOT 1, EOT 2, MASK 3, byte b -> b + 4.
+PAD_ID, SOT_ID, EOT_ID, MASK_ID = 0, 1, 2, 3
+VOCAB_SIZE = 260
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a (no-grad) tensor over ranks in place; identity when not distributed."""
+    if _world()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns to each rank the SUM of the gradients of its slice.
+
+    Forward:  x [b, ...] on every rank -> cat over ranks [W*b, ...] (same on every rank).
+    Backward: rank r's slice was used by all W ranks, so its gradient is the sum over ranks of
+    the gradient each rank computed for that slice (a reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = _world()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.b = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):                          # grad: [W*b, ...]
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":              # reduce-scatter moves W times less data
+            out = torch.empty_like(grad[: ctx.b])
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        grad = grad.clone()                           # gloo has no reduce-scatter: all-reduce + slice
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x [b, ...] from all ranks along dim 0 -> [W*b, ...], keeping the gradient.
+
+    Every rank must pass the same shape (use drop_last=True in the data loader). Identity when
+    torch.distributed is not initialised or has a single rank.
+    """
+    if _world()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def _check_pairs(img: torch.Tensor, txt: torch.Tensor) -> None:
+    if img.ndim != 2 or img.shape != txt.shape:
+        raise ValueError(f"expected image and text features of the same shape [b, E], got "
+                         f"{tuple(img.shape)} and {tuple(txt.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Contrastive losses
+# --------------------------------------------------------------------------------------------
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric softmax contrastive loss (CLIP) with the DDP local-loss scheme.
+
+    img, txt: this rank's L2-normalised features [b, E]; pair i is (img[i], txt[i]).
+    logit_scale: the multiplier t = exp(s) (a scalar tensor, as CLIP.forward returns it).
+    Returns this rank's loss; its mean over ranks is the loss of the global batch, and DDP's
+    gradient averaging then gives exactly the global-batch gradient (module docstring).
+    Stable: F.cross_entropy works through logsumexp.
+
+    Worked example: two orthogonal pairs, t = 1. The logits are the identity matrix; each row is
+    a 2-way softmax with the right answer at 1 and the wrong one at 0, so every row costs
+    -log(e / (e + 1)) = log(1 + e^-1) = 0.3133, and so does the mean.
+    >>> e = torch.eye(2)
+    >>> round(clip_loss(e, e, torch.tensor(1.0)).item(), 4)
+    0.3133
+    """
+    _check_pairs(img, txt)
+    rank, _ = _world()
+    b = img.shape[0]
+    all_img = gather_with_grad(img)                                    # [B, E]
+    all_txt = gather_with_grad(txt)                                    # [B, E]
+    # This rank's rows against every rank's columns; the positive of local row i sits in
+    # global column rank * b + i.
+    labels = torch.arange(b, device=img.device) + rank * b             # [b]
+    logits_i2t = logit_scale * img @ all_txt.T                         # [b, B]
+    logits_t2i = logit_scale * txt @ all_img.T                         # [b, B]
+    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None) -> torch.Tensor:
+    """Pairwise sigmoid loss (SigLIP) with negatives from every rank.
+
+    img, txt: this rank's L2-normalised features [b, E]; logit_scale t = exp(t') and logit_bias b
+    are scalar tensors (SigLIP init: t' = ln 10, b = -10). Each rank scores its b images against
+    all B captions; summed over ranks this covers every one of the B x B pairs exactly once.
+    Returns -(1/b) sum over this rank's [b, B] block of log sigmoid(z * logit); the mean over
+    ranks is the SigLIP loss of the global batch, -(1/B) sum over all B x B pairs. Only the text
+    is gathered: open_clip passes it around a ring of send/recv instead, which saves memory but
+    computes the same sum. Stable: F.logsigmoid never forms exp(large).
+
+    Worked example: two orthogonal pairs, t = 1, b = 0. The two positives have logit 1 and cost
+    -log sigmoid(1) = 0.3133 each; the two negatives have logit 0 and cost -log sigmoid(0) =
+    log 2 = 0.6931 each. Sum 2.0129, divided by B = 2: 1.0064.
+    >>> e = torch.eye(2)
+    >>> round(siglip_loss(e, e, torch.tensor(1.0), torch.tensor(0.0)).item(), 4)
+    1.0064
+    """
+    _check_pairs(img, txt)
+    if logit_bias is None:
+        raise ValueError("siglip_loss needs a logit bias: build the model with init_logit_bias "
+                         "(SigLIP: -10, with logit scale init ln 10)")
+    rank, _ = _world()
+    b = img.shape[0]
+    all_txt = gather_with_grad(txt)                                    # [B, E]
+    logits = logit_scale * img @ all_txt.T + logit_bias                # [b, B]
+    # z = +1 for the positive pair (local row i, global column rank * b + i), -1 elsewhere.
+    z = -torch.ones_like(logits)
+    rows = torch.arange(b, device=img.device)
+    z[rows, rows + rank * b] = 1.0
+    return -F.logsigmoid(z * logits).sum() / b
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Projection head and local-to-global self-distillation (SILC / DINO)
+# --------------------------------------------------------------------------------------------
+
+class DINOHead(nn.Module):
+    """MLP -> L2 normalise -> weight-normalised bias-free linear layer to K prototypes.
+
+    x [..., in_dim] -> logits [..., K]. The logits are cosine similarities between the normalised
+    bottleneck feature and K unit-norm prototype vectors (rows of `last_layer.weight`, normalised
+    at every forward pass: DINO's weight norm with the gain frozen at 1, written out directly
+    instead of the deprecated nn.utils.weight_norm). So every logit lies in [-1, 1] and the
+    temperatures alone set how peaked the distributions are.
+    DINO sizes: hidden 2048, bottleneck 256, K 65536, 3 layers; SILC does not publish its head.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 out_dim: int = 65536, nlayers: int = 3):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        if nlayers == 1:
+            layers = [nn.Linear(in_dim, bottleneck_dim)]
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):          # DINO's init
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Prototypes [K, bottleneck]; only their directions matter (rows are normalised).
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)                           # [..., bottleneck]
+        w = F.normalize(self.last_layer.weight, dim=-1)                # [K, bottleneck], unit rows
+        return F.linear(x, w)                                          # [..., K]
+
+    def cancel_last_layer_grad(self) -> None:
+        """Drop the prototypes' gradient (call after backward, before optimizer.step).
+
+        DINO freezes the last layer for the first epoch: early on the prototypes would chase a
+        random backbone and training is less stable. AdamW skips a parameter whose grad is None,
+        so its moments are not touched either. Whether and for how long to do this is the
+        training loop's choice (DINO: 1 epoch; a short run may use a few percent of its steps).
+        """
+        self.last_layer.weight.grad = None
+
+
+def teacher_temp_schedule(total_steps: int, warmup_steps: int, start: float = 0.04,
+                          final: float = 0.07) -> np.ndarray:
+    """Per-step teacher temperature: linear start -> final over warmup_steps, then constant.
+
+    DINO: 0.04 -> 0.07 over the first 30 epochs (above 0.07 training became unstable); a low
+    temperature early gives sharp targets while the teacher is still almost random.
+    """
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
+                         f"warmup_steps={warmup_steps}, total_steps={total_steps}")
+    warm = np.linspace(start, final, warmup_steps, endpoint=False)
+    return np.concatenate([warm, np.full(total_steps - warmup_steps, final)])
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits from autocast are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor,
+                        student_temp: float) -> torch.Tensor:
+    """-sum_k P_t[k] log softmax(s / tau_s)[k] per row: [..., K] -> [...] (log_softmax is stable)."""
+    return -(teacher_probs * F.log_softmax(_fp32(student) / student_temp, dim=-1)).sum(-1)
+
+
+class LocalToGlobalLoss(nn.Module):
+    """SILC's local-to-global self-distillation loss (DINO's loss) with a running centre.
+
+    forward(student_logits, teacher_logits, teacher_temp):
+      student_logits: list of [b, K], global views first, then local views (with gradient);
+      teacher_logits: list of [b, K], the global views (the i-th teacher view is the same crop as
+      the i-th student view, and that pair is skipped: a view is not distilled into itself).
+    Returns the mean over pairs (q, v), v != q, of the batch-mean of H(P_t(q), P_s(v)); with
+    2 global + 8 local views that is 2 * 10 - 2 = 18 pairs. Each term is a mean over this rank's
+    b samples, so the mean over ranks (what DDP averages) is the global-batch loss.
+    In training mode the centre is then updated:
+        c <- m c + (1 - m) * mean over the GLOBAL batch and all teacher views of t,
+    with the sum all-reduced over ranks, so every rank keeps the same centre.
+    Defaults are DINO's (SILC does not publish them): tau_s = 0.1, m = 0.9.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))        # [1, K], in checkpoints
+
+    def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+                teacher_temp: float) -> torch.Tensor:
+        if len(teacher_logits) < 1 or len(student_logits) < 1:
+            raise ValueError("need at least one teacher view and one student view")
+        if len(teacher_logits) == 1 and len(student_logits) == 1:
+            raise ValueError("one teacher view and one student view of the same crop leave no "
+                             "pair to distil (pairs with the same index are skipped)")
+        total, n_pairs = 0.0, 0
+        for q, t in enumerate(teacher_logits):
+            # Teacher targets: centred, sharpened, no gradient (stop-gradient on the teacher).
+            p_t = F.softmax((_fp32(t.detach()) - self.center) / teacher_temp, dim=-1)   # [b, K]
+            for v, s in enumerate(student_logits):
+                if v == q:
+                    continue
+                total = total + _soft_cross_entropy(s, p_t, self.student_temp).mean()
+                n_pairs += 1
+        if self.training:
+            self.update_center(teacher_logits)
+        return total / n_pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
+        """c <- m c + (1 - m) * (global-batch mean of the teacher logits over all views)."""
+        t = torch.cat([_fp32(x) for x in teacher_logits])             # [views * b, K]
+        # Sum and count in one all-reduce, so unequal shards would still give the true mean.
+        stats = torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])      # [K + 1]
+        stats = _all_reduce_sum(stats)
+        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)           # [1, K]
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Masked self-distillation (MaskCLIP / iBOT) and masked language modelling
+# --------------------------------------------------------------------------------------------
+
+def _global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Turn a local sum over items into this rank's share of the GLOBAL mean over items.
+
+    total: sum of per-item losses on this rank (with gradient); count: number of items here.
+    Returns total * W / global_count, so that mean over ranks (what DDP's gradient averaging
+    computes) = global_sum / global_count: the same loss as one process on the whole batch, even
+    when ranks hold different numbers of masked items. Returns 0 (with a graph) if no rank has
+    any item.
+    """
+    _, world = _world()
+    global_count = _all_reduce_sum(count.detach().to(total.dtype).clone())
+    return total * world / global_count.clamp(min=1)
+
+
+class MaskedDistillLoss(nn.Module):
+    """Masked patch self-distillation (MaskCLIP's distillation loss, computed as in iBOT).
+
+    forward(student_logits [B, N, K], teacher_logits [B, N, K], mask [B, N] bool, teacher_temp):
+      student logits come from the masked student (decoder + head), teacher logits from the
+      teacher on the full image (head). Targets: P_t = softmax((t - c) / tau_t) with this loss's
+      OWN patch centre c (patch statistics differ from the pooled image ones).
+    loss = sum over masked patches of H(P_t, P_s) / number of masked patches, where the count is
+    over the global batch (all ranks): see `_global_mean`. Visible patches are not selected at
+    all, so they get exactly zero weight and zero gradient.
+    In training mode the centre is updated from the teacher logits of ALL patches of the global
+    batch (iBOT does the same; MaskCLIP does not say), momentum 0.9.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))        # [1, K]
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        if student_logits.shape != teacher_logits.shape or student_logits.ndim != 3:
+            raise ValueError(f"expected student and teacher logits of the same shape [B, N, K], "
+                             f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        if mask.shape != student_logits.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"expected a bool mask [B, N] = {tuple(student_logits.shape[:2])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        t = _fp32(teacher_logits.detach())
+        p_t = F.softmax((t[mask] - self.center) / teacher_temp, dim=-1)              # [M, K]
+        ce = _soft_cross_entropy(student_logits[mask], p_t, self.student_temp)       # [M]
+        loss = _global_mean(ce.sum(), mask.sum())
+        if self.training:
+            self.update_center(t)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """c <- m c + (1 - m) * (mean of the teacher logits over all patches of the global batch)."""
+        t = _fp32(teacher_logits).flatten(0, -2)                      # [B * N, K]
+        stats = _all_reduce_sum(torch.cat([t.sum(0), t.new_tensor([t.shape[0]])]))
+        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)           # [1, K]
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+class MaskedPatchDecoder(nn.Module):
+    """MaskCLIP's small visual decoder: fills the hidden positions, then `num_layers` Blocks.
+
+    forward(tokens [B, 1+N', D], mask [B, N] bool, pos) -> predictions [B, N, D] (no class token)
+      tokens: the student encoder's output on the masked image (VisionTransformer.forward()[1]);
+      pos: the VisionTransformer itself (a square grid is assumed) or a position embedding
+        [1 + N, D] for this grid (class token first), e.g. visual.pos_embed_for(gh, gw).
+    The decoder adds its learnable `mask_token` at every hidden position, in both mask modes:
+      drop mode (N' = N - n): the hidden slots are empty, so they become mask_token + their
+        position embedding (nothing else would tell the decoder where a slot is), and the visible
+        encoder tokens go back to their original positions;
+      token mode (N' = N): the encoder already produced an output at every position (its first
+        guess, with the position inside); mask_token is added there to mark it as hidden. Starting
+        at zero (as iBOT's), it is the identity at first. Using it in both modes also keeps every
+        parameter in use, which DDP needs.
+    Then the Blocks (bidirectional, with the class token as global context) and a LayerNorm, so
+    the predictions have the scale of the encoder's ln_post tokens that the teacher's head reads.
+    The position embedding is the encoder's own (shared, gradient included): the paper does not
+    say how its decoder encodes positions; sharing adds no parameters and works at any grid.
+    MaskCLIP: 1 layer; width = encoder width here (the paper does not give it).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_layers: int = 1, mlp_ratio: float = 4.0):
+        super().__init__()
+        from clip import Block, init_blocks_
+        self.mask_token = nn.Parameter(torch.zeros(dim))                   # [D]
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(num_layers))
+        if num_layers > 0:                  # (0 layers: placement + LayerNorm only, used in tests)
+            init_blocks_(self.blocks, dim)
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, pos) -> torch.Tensor:
+        B, N = mask.shape
+        D = tokens.shape[-1]
+        if mask.dtype != torch.bool or tokens.shape[0] != B:
+            raise ValueError(f"expected a bool mask [B, N] with B = {tokens.shape[0]}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        if isinstance(pos, torch.Tensor):
+            pos_embed = pos                                                # [1 + N, D]
+        else:
+            G = math.isqrt(N)
+            if G * G != N:
+                raise ValueError(f"{N} patches is not a square grid: pass the position embedding "
+                                 f"for this grid (visual.pos_embed_for(gh, gw)) instead of the model")
+            pos_embed = pos.pos_embed_for(G, G)                            # [1 + N, D]
+        if pos_embed.shape != (1 + N, D):
+            raise ValueError(f"position embedding must be [1 + N, D] = [{1 + N}, {D}], "
+                             f"got {tuple(pos_embed.shape)}")
+        cls, patches = tokens[:, :1], tokens[:, 1:]                        # [B, 1, D], [B, N', D]
+        mask_tok = self.mask_token.to(tokens.dtype)
+        n_visible = patches.shape[1]
+        if n_visible == N:                                                 # token mode
+            x = patches + mask.unsqueeze(-1).to(tokens.dtype) * mask_tok   # [B, N, D]
+        elif n_visible == N - int(mask[0].sum()):                          # drop mode
+            x = (mask_tok + pos_embed[1:].to(tokens.dtype)).expand(B, N, D).clone()   # [B, N, D]
+            # Boolean indexing walks row by row in position order, as the encoder's drop did.
+            x[~mask] = patches.reshape(B * n_visible, D)
+        else:
+            raise ValueError(f"tokens hold {n_visible} patch tokens; expected N = {N} (token mode) "
+                             f"or N - masked = {N - int(mask[0].sum())} (drop mode)")
+        x = torch.cat([cls, x], dim=1)                                     # [B, 1 + N, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x[:, 1:])                                           # [B, N, D]
+
+
+class TextMLMDecoder(nn.Module):
+    """MaskCLIP's text decoder for masked language modelling: bidirectional Blocks -> vocab logits.
+
+    forward(features [B, L, W], tokens=None) -> logits [B, L, V]
+      features: the CAUSAL text encoder's token features on the masked caption
+        (TextTransformer.forward()[1]);
+      tokens (optional): that caption's ids, to keep padding out of the attention.
+    How a causal encoder serves a bidirectional task: the encoder's feature at position j has
+    read tokens 0..j only. The decoder has no causal mask, so its output at a masked position i
+    attends to the features at every position, and those at j > i carry the words AFTER i. Left
+    context reaches i through the encoder, right context through the decoder. The encoder keeps
+    its causal mask (the contrastive loss pools at EOT under it), and the MLM branch is a
+    separate encoder forward on the corrupted caption.
+    MaskCLIP: 4 layers (the paper's text decoder); width = the text encoder's.
+    """
+
+    def __init__(self, width: int, num_heads: int, vocab_size: int = VOCAB_SIZE,
+                 num_layers: int = 4, mlp_ratio: float = 4.0, pad_id: int = PAD_ID):
+        super().__init__()
+        from clip import Block, init_blocks_
+        self.pad_id = pad_id
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(num_layers))
+        if num_layers > 0:
+            init_blocks_(self.blocks, width)
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab_size)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        attn_mask = None
+        if tokens is not None:
+            # bool [B, 1, 1, L]: True = may be attended to. Every caption has SOT, so no row is empty.
+            attn_mask = (tokens != self.pad_id)[:, None, None, :]
+        x = features                                                       # [B, L, W]
+        for blk in self.blocks:
+            x = blk(x, attn_mask=attn_mask)                                # no causal mask
+        return self.out(self.ln(x))                                        # [B, L, V]
+
+
+def mlm_mask_tokens(tokens: torch.Tensor, mask_prob: float = 0.2,
+                    generator: torch.Generator | None = None, vocab_size: int = VOCAB_SIZE,
+                    mask_id: int = MASK_ID, special_ids: tuple[int, ...] = (PAD_ID, SOT_ID, EOT_ID)):
+    """BERT-style corruption of captions for MLM. tokens [B, L] -> (inputs [B, L], labels [B, L]).
+
+    Every ordinary token (not SOT, EOT, PAD or MASK) is selected independently with probability
+    mask_prob (MaskCLIP: 20%). A selected token becomes the MASK id with probability 0.8, a random
+    ordinary token with 0.1, and stays as it is with 0.1 (BERT: so the model cannot assume that an
+    unmasked-looking token is always correct). labels hold the original id at selected positions
+    and -100 (ignored) elsewhere. Special tokens are never selected and never drawn as random
+    replacements: a random EOT would move the text encoder's pooling position.
+    Random numbers come from `generator` (a CPU generator) and are moved to tokens' device.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, L], got {tuple(tokens.shape)}")
+    excluded = set(special_ids) | {mask_id}
+    ordinary = torch.tensor([i for i in range(vocab_size) if i not in excluded])     # [V']
+    shape, dev = tokens.shape, tokens.device
+    select_u = torch.rand(shape, generator=generator).to(dev)             # [B, L]
+    action_u = torch.rand(shape, generator=generator).to(dev)             # [B, L]
+    random_ids = ordinary[torch.randint(len(ordinary), shape, generator=generator)].to(dev)
+    eligible = ~torch.isin(tokens, torch.tensor(sorted(excluded), device=dev))
+    selected = eligible & (select_u < mask_prob)                          # [B, L]
+    inputs = torch.where(selected & (action_u < 0.8), torch.full_like(tokens, mask_id), tokens)
+    inputs = torch.where(selected & (action_u >= 0.8) & (action_u < 0.9), random_ids, inputs)
+    labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
+    return inputs, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the selected (label != -100) positions only: logits [B, L, V], labels [B, L].
+
+    Averaged over the selected positions of the GLOBAL batch (`_global_mean`), so 2 DDP ranks give
+    the same loss and gradient as one process even though their captions hold different numbers
+    of masked tokens. 0 if nothing is selected anywhere.
+    """
+    if logits.shape[:2] != labels.shape or logits.ndim != 3:
+        raise ValueError(f"expected logits [B, L, V] and labels [B, L], got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    ce = F.cross_entropy(_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100,
+                         reduction="sum")
+    return _global_mean(ce, (labels != -100).sum())

@@ -1,0 +1,475 @@
+"""Tests for eval_seg.py, each against an independent computation: hand-worked confusion matrices,
+hand-made dataset trees, hand-averaged windows, and per-head / per-prompt loops written here."""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval_seg  # noqa: E402
+from clip import CLIP, CLIPConfig  # noqa: E402
+from data import ByteTokenizer  # noqa: E402
+from eval_seg import (ConfusionMatrix, build_text_classifier, class_probabilities,  # noqa: E402
+                      dense_features, load_dataset, miou_from_confusion, predict_classes,
+                      predict_logits, sliding_window_logits, window_boxes)
+
+
+def tiny_model(stem="linear", seed=0):
+    """2-layer, 32-wide CLIP; biases randomised so every bias term matters in the comparisons."""
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(image_size=16, patch_size=4, stem=stem, vision_width=32, vision_layers=2,
+                     vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16,
+                     context_length=32)
+    model = CLIP(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric
+# ------------------------------------------------------------------------------------------------
+
+def test_miou_hand_worked_with_ignore_and_absent_classes():
+    # 5 classes, 0 = background; class 3 appears nowhere; class 4 is predicted but not in the truth.
+    truth = torch.tensor([0, 0, 0, 1, 1, 2, 255, 255, 1])
+    pred = torch.tensor([0, 1, 0, 1, 1, 1, 2, 0, 4])
+    cm = ConfusionMatrix(5)
+    cm.update(pred[:4], truth[:4])                 # two updates == one over all pixels
+    cm.update(pred[4:], truth[4:])
+    # Valid pairs (truth, pred): (0,0) (0,1) (0,0) (1,1) (1,1) (2,1) (1,4); the 255 pixels are skipped.
+    expected = torch.zeros(5, 5, dtype=torch.long)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 1], expected[1, 4] = 2, 1, 2, 1, 1
+    assert torch.equal(cm.counts, expected)
+    m = miou_from_confusion(cm.counts, background_index=0)
+    # IoU0 = 2/(3+2-2), IoU1 = 2/(3+4-2), IoU2 = 0/1, IoU3 = no union, IoU4 = 0/1.
+    iou = [2 / 3, 2 / 5, 0.0, float("nan"), 0.0]
+    for got, want in zip(m["iou"], iou):
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+    assert m["miou"] == pytest.approx((2 / 3 + 2 / 5 + 0 + 0) / 4)
+    assert m["fg_miou"] == pytest.approx((2 / 5 + 0 + 0) / 3)
+    assert m["pixel_acc"] == pytest.approx(4 / 7)
+
+
+def test_confusion_rejects_labels_out_of_range():
+    cm = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match="ground-truth labels"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets: tiny fake trees with the real layouts
+# ------------------------------------------------------------------------------------------------
+
+def save_palette_png(path, label):
+    """Palette PNG whose colours are NOT the indices (index i -> colour (7i, 255-i, 3i) mod 256)."""
+    im = Image.fromarray(label.astype(np.uint8))
+    im.putpalette([v % 256 for i in range(256) for v in (7 * i, 255 - i, 3 * i)])
+    assert im.mode == "P"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im.save(path)
+
+
+def save_gray_png(path, label):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(label.astype(np.uint8)).save(path)
+
+
+def save_image(path, h, w):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+LABEL = np.array([[0, 5, 20, 255], [1, 1, 0, 255], [20, 5, 5, 0]])        # 3 x 4
+
+
+def test_voc_palette_read_as_indices_and_reduce_zero_label(tmp_path):
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    save_image(base / "JPEGImages" / "2007_000033.jpg", 3, 4)
+    save_palette_png(base / "SegmentationClass" / "2007_000033.png", LABEL)
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
+
+    voc21 = load_dataset("voc21", tmp_path / "VOCdevkit")
+    item = voc21[0]
+    assert item["image"].shape == (3, 3, 4) and item["image"].dtype == torch.uint8
+    assert item["mask"].tolist() == LABEL.tolist()                    # indices, 255 kept
+    assert len(voc21.class_names) == 21 and voc21.background_index == 0
+    voc20 = load_dataset("voc20", base)                                 # the VOC2012 folder works too
+    assert voc20[0]["mask"].tolist() == [[255, 4, 19, 255], [0, 0, 255, 255], [19, 4, 4, 255]]
+    assert len(voc20.class_names) == 20 and voc20.background_index is None
+    assert voc20.class_names[14][0] == "person" and len(voc20.class_names[14]) > 1   # synonyms
+
+
+def test_context_59_and_60(tmp_path):
+    base = tmp_path / "VOC2010"
+    label = np.array([[0, 1, 59], [255, 30, 0]])
+    save_image(base / "JPEGImages" / "2008_000002.jpg", 2, 3)
+    save_gray_png(base / "SegmentationClassContext" / "2008_000002.png", label)
+    (base / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    (base / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000002\n")
+    assert load_dataset("context60", tmp_path)[0]["mask"].tolist() == label.tolist()
+    assert load_dataset("context59", tmp_path)[0]["mask"].tolist() == [[255, 0, 58], [255, 29, 255]]
+    assert len(load_dataset("context59", tmp_path).class_names) == 59
+
+
+def test_ade_reduce_zero_label(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    save_image(base / "images" / "validation" / "ADE_val_00000001.jpg", 2, 2)
+    save_gray_png(base / "annotations" / "validation" / "ADE_val_00000001.png", np.array([[0, 1], [150, 7]]))
+    ds = load_dataset("ade150", tmp_path)
+    assert ds[0]["mask"].tolist() == [[255, 0], [149, 6]]
+    assert len(ds.class_names) == 150 and ds.class_names[0] == ["wall"]
+
+
+def test_cityscapes_train_ids_kept_and_bad_ids_rejected(tmp_path):
+    stem = "frankfurt_000000_000294"
+    save_image(tmp_path / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png", 2, 2)
+    gt = tmp_path / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelTrainIds.png"
+    save_gray_png(gt, np.array([[0, 18], [255, 3]]))
+    ds = load_dataset("cityscapes", tmp_path)
+    assert ds[0]["mask"].tolist() == [[0, 18], [255, 3]] and len(ds.class_names) == 19
+    save_gray_png(gt, np.array([[0, 33], [255, 3]]))                   # a labelId, not a trainId
+    with pytest.raises(ValueError, match="labelTrainIds"):
+        ds[0]
+
+
+def test_cocostuff_train_ids(tmp_path):
+    save_image(tmp_path / "images" / "val2017" / "000000000139.jpg", 2, 2)
+    save_gray_png(tmp_path / "annotations" / "val2017" / "000000000139_labelTrainIds.png",
+                  np.array([[0, 170], [255, 90]]))
+    ds = load_dataset("cocostuff171", tmp_path)
+    assert ds[0]["mask"].tolist() == [[0, 170], [255, 90]] and len(ds.class_names) == 171
+
+
+def test_generic_folder(tmp_path):
+    save_image(tmp_path / "images" / "a.png", 2, 3)
+    save_palette_png(str(tmp_path / "masks" / "a.png"), np.array([[0, 1, 2], [255, 2, 1]]))
+    (tmp_path / "classes.txt").write_text("background\ncat, kitty\ndog\n")
+    ds = load_dataset("folder", tmp_path)
+    assert ds.class_names == [["background"], ["cat", "kitty"], ["dog"]] and ds.background_index == 0
+    assert ds[0]["mask"].tolist() == [[0, 1, 2], [255, 2, 1]] and ds[0]["name"] == "a"
+
+
+def test_missing_or_malformed_datasets_give_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="Expected layout"):
+        load_dataset("voc20", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
+        load_dataset("ade150", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset("cityscapes", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="needs --root"):
+        load_dataset("voc20")
+    # An image without its label file.
+    save_image(tmp_path / "f" / "images" / "a.png", 2, 2)
+    (tmp_path / "f" / "masks").mkdir()
+    (tmp_path / "f" / "classes.txt").write_text("a\nb\n")
+    with pytest.raises(FileNotFoundError, match="label files missing"):
+        load_dataset("folder", tmp_path / "f")
+    # A colour-rendered (RGB) mask cannot be read as labels.
+    Image.new("RGB", (2, 2)).save(tmp_path / "f" / "masks" / "a.png")
+    with pytest.raises(ValueError, match="mode 'RGB'"):
+        load_dataset("folder", tmp_path / "f")[0]
+
+
+def test_shipped_class_name_files():
+    sizes = {"voc20": 20, "voc21": 21, "context59": 59, "context60": 60, "ade150": 150,
+             "cityscapes19": 19, "cocostuff171": 171}
+    for name, n in sizes.items():
+        classes = eval_seg.read_class_names(eval_seg.CLASSNAMES_DIR / f"{name}.txt")
+        assert len(classes) == n, name
+    assert eval_seg.read_class_names(eval_seg.CLASSNAMES_DIR / "voc21.txt")[1:] == \
+        eval_seg.read_class_names(eval_seg.CLASSNAMES_DIR / "voc20.txt")
+    assert len(eval_seg.OPENAI_TEMPLATES) == len(set(eval_seg.OPENAI_TEMPLATES)) == 80
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding windows
+# ------------------------------------------------------------------------------------------------
+
+def test_window_boxes_hand_worked():
+    # W=6, crop 4, stride 2: starts 0 and 2 (the second ends at the border); H=4: one row.
+    assert window_boxes(4, 6, 4, 2) == [(0, 4, 0, 4), (0, 4, 2, 6)]
+    # W=7: starts 0, 2, then 4 -> shifted back to end at 7 -> 3.
+    assert window_boxes(4, 7, 4, 2) == [(0, 4, 0, 4), (0, 4, 2, 6), (0, 4, 3, 7)]
+    assert window_boxes(3, 5, 8, 4) == [(0, 3, 0, 5)]                 # smaller than the crop: one window
+    with pytest.raises(ValueError):
+        window_boxes(4, 6, 4, 5)                                      # stride > crop skips pixels
+
+
+@pytest.mark.parametrize("window_batch", [1, 16])
+def test_overlapping_windows_are_averaged(window_batch):
+    # Channel 0 = column index, channel 1 = row index; the window function returns each window's
+    # MEAN of those channels as a constant map. 6x6 image, crop 4, stride 2: windows start at 0 and 2
+    # in each direction, with means 1.5 and 3.5. Pixels 0-1 see only the first (1.5), pixels 2-3 both
+    # ((1.5 + 3.5) / 2 = 2.5), pixels 4-5 only the second (3.5).
+    cols = torch.arange(6.0).view(1, 6).expand(6, 6)
+    images = torch.stack([cols, cols.T, torch.zeros(6, 6)]).unsqueeze(0)   # [1, 3, 6, 6]
+
+    def window_means(crops):                                           # [n, 3, h, w] -> [n, 2, h, w]
+        return crops[:, :2].mean(dim=(2, 3), keepdim=True).expand(-1, -1, *crops.shape[2:])
+
+    out = sliding_window_logits(images, window_means, crop=4, stride=2, window_batch=window_batch)
+    per_index = torch.tensor([1.5, 1.5, 2.5, 2.5, 3.5, 3.5])
+    assert torch.allclose(out[0, 0], per_index.view(1, 6).expand(6, 6))
+    assert torch.allclose(out[0, 1], per_index.view(6, 1).expand(6, 6))
+    # The identity window function must give the image back exactly (windows placed correctly).
+    img = torch.randn(2, 3, 7, 9)
+    assert torch.allclose(sliding_window_logits(img, lambda c: c, crop=4, stride=3), img)
+
+
+def test_sliding_window_covering_the_image_equals_whole_image():
+    model = tiny_model()
+    images = torch.randn(2, 3, 16, 24)
+    text = F.normalize(torch.randn(5, 16), dim=-1)
+    whole = predict_logits(model, images, text, "maskclip", crop=None)
+    for crop in (24, 32):                                             # >= both sides: one window
+        slide = predict_logits(model, images, text, "maskclip", crop=crop, stride=crop // 2)
+        assert torch.allclose(slide, whole, atol=1e-6)
+    # And a whole-image logit map really is the cosine of patch features and text, upsampled.
+    feats = dense_features(model, images, "maskclip")                  # [2, 4, 6, 16]
+    coarse = torch.einsum("bhwe,qe->bqhw", feats, text)
+    assert torch.allclose(whole, F.interpolate(coarse, size=(16, 24), mode="bilinear"), atol=1e-6)
+
+
+def test_window_logits_pad_to_patch_multiple():
+    # 18 x 14 is not a multiple of the 4-px patch: padded to 20 x 16, logits cut back.
+    model = tiny_model()
+    images = torch.randn(1, 3, 18, 14)
+    text = F.normalize(torch.randn(3, 16), dim=-1)
+    out = eval_seg.window_logits(model, images, text, "naive")
+    padded = F.pad(images, (0, 2, 0, 2))
+    ref = eval_seg.window_logits(model, padded, text, "naive")[:, :, :18, :14]
+    assert out.shape == (1, 3, 18, 14) and torch.allclose(out, ref, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense-feature tricks on the last block
+# ------------------------------------------------------------------------------------------------
+
+def _into_last_block(model, images):
+    x = model.visual.embed(images)
+    for blk in model.visual.blocks[:-1]:
+        x = blk(x)
+    return x                                                           # [B, 1+N, D]
+
+
+def _to_features(model, x, images):
+    f = F.normalize(model.visual.proj(model.visual.ln_post(x[:, 1:])), dim=-1)
+    p = model.config.patch_size
+    return f.reshape(images.shape[0], images.shape[2] // p, images.shape[3] // p, -1)
+
+
+def test_maskclip_equals_identity_attention_and_leaves_the_model_alone():
+    model = tiny_model(stem="conv")
+    images = torch.randn(2, 3, 16, 12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        embed_before, tokens_before = model.visual(images)
+        got = {mode: dense_features(model, images, mode) for mode in eval_seg.DENSE_MODES}
+        embed_after, tokens_after = model.visual(images)
+
+        # Identity attention, written as the model's own attention with a mask that lets each token
+        # see only itself (softmax over one key = 1): out_proj(v).
+        x = _into_last_block(model, images)
+        last = model.visual.blocks[-1]
+        only_self = torch.eye(x.shape[1], dtype=torch.bool)
+        x1 = x + last.attn(last.ln_1(x), attn_mask=only_self)
+        x2 = x1 + last.mlp(last.ln_2(x1))
+        want_maskclip = _to_features(model, x2, images)
+        want_naive = _to_features(model, model.visual.blocks[-1](x), images)
+    assert torch.allclose(got["maskclip"], want_maskclip, atol=1e-5)
+    assert torch.allclose(got["naive"], want_naive, atol=1e-5)
+    assert not torch.allclose(got["maskclip"], got["naive"], atol=1e-3)   # the trick does something
+    assert got["naive"].shape == (2, 4, 3, 16)
+    assert torch.allclose(got["naive"].norm(dim=-1), torch.ones(2, 4, 3))
+    # The normal forward and the weights are untouched.
+    assert torch.equal(embed_before, embed_after) and torch.equal(tokens_before, tokens_after)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def _per_head_attention(attn, h, kind):
+    """softmax(q q^T / sqrt d) (+ softmax(k k^T / sqrt d) for sclip) per head, one head at a time."""
+    D = h.shape[-1]
+    nh = attn.num_heads
+    d = D // nh
+    W, b = attn.in_proj.weight, attn.in_proj.bias
+    outs = []
+    for i in range(nh):
+        rows = slice(i * d, (i + 1) * d)
+        q = h @ W[:D][rows].T + b[:D][rows]                           # [B, T, d]
+        k = h @ W[D:2 * D][rows].T + b[D:2 * D][rows]
+        v = h @ W[2 * D:][rows].T + b[2 * D:][rows]
+        a = torch.softmax(q @ q.transpose(1, 2) / math.sqrt(d), dim=-1)
+        if kind == "sclip":
+            a = a + torch.softmax(k @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
+        outs.append(a @ v)
+    return attn.out_proj(torch.cat(outs, dim=-1))                      # [B, T, D]
+
+
+def test_sclip_and_clearclip_equal_hand_written_versions():
+    model = tiny_model()
+    images = torch.randn(2, 3, 12, 16)
+    with torch.no_grad():
+        x = _into_last_block(model, images)
+        last = model.visual.blocks[-1]
+        x1 = x + _per_head_attention(last.attn, last.ln_1(x), "sclip")
+        want_sclip = _to_features(model, x1 + last.mlp(last.ln_2(x1)), images)
+        want_clear = _to_features(model, _per_head_attention(last.attn, last.ln_1(x), "clearclip"), images)
+        got_sclip = dense_features(model, images, "sclip")
+        got_clear = dense_features(model, images, "clearclip")
+    assert torch.allclose(got_sclip, want_sclip, atol=1e-5)
+    assert torch.allclose(got_clear, want_clear, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown dense mode"):
+        dense_features(model, images, "magic")
+
+
+# ------------------------------------------------------------------------------------------------
+# Text classifier and the decision rule
+# ------------------------------------------------------------------------------------------------
+
+def test_text_classifier_is_normalised_mean_of_normalised_templates():
+    model = tiny_model()
+    tok = ByteTokenizer(context_length=32)
+    classes = [["cat", "kitty"], [], ["dog"]]                         # class 1 has no text query
+    templates = ["a photo of a {}.", "{}", "a drawing of the {}."]
+    weights, query_class = build_text_classifier(model, tok, classes, templates, batch_size=2)
+    assert query_class.tolist() == [0, 0, 2]
+    rows = []
+    with torch.no_grad():
+        for names in classes:
+            for name in names:
+                embs = [model.encode_text(tok([t.format(name)]), normalize=False)[0] for t in templates]
+                mean = sum(e / e.norm() for e in embs) / len(embs)
+                rows.append(mean / mean.norm())
+    assert torch.allclose(weights, torch.stack(rows), atol=1e-5)
+
+
+def test_class_probability_is_max_over_synonyms_and_threshold_gives_background():
+    # One pixel, queries [0.1, 0.3, 0.2] belonging to classes [0, 0, 1], scale 10:
+    # softmax([1, 3, 2]) -> class 0 = e^3 / Z, class 1 = e^2 / Z, class 2 (no query) = 0.
+    logits = torch.tensor([0.1, 0.3, 0.2]).view(1, 3, 1, 1)
+    probs = class_probabilities(logits, torch.tensor([0, 0, 1]), num_classes=3, logit_scale=10.0)
+    Z = math.exp(1) + math.exp(3) + math.exp(2)
+    assert torch.allclose(probs.flatten(), torch.tensor([math.exp(3) / Z, math.exp(2) / Z, 0.0]))
+    assert predict_classes(probs).item() == 0
+    assert predict_classes(probs, prob_thresh=0.7, background_index=2).item() == 2   # e^3/Z = 0.665
+    assert predict_classes(probs, prob_thresh=0.6, background_index=2).item() == 0
+
+
+def test_classifier_scores_max_over_synonyms():
+    weights = torch.eye(3)                                             # queries e0, e1, e2
+    feats = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])           # [2, 3]
+    scores = eval_seg.classifier_scores(feats, (weights, torch.tensor([0, 0, 2])))
+    # class 0 = max(f.e0, f.e1); class 1 has no query (-inf); class 2 = f.e2
+    assert torch.allclose(scores, torch.tensor([[0.8, -math.inf, 0.0], [0.6, -math.inf, 0.8]]))
+
+
+def test_preprocess_short_side_and_normalisation():
+    images = torch.randint(0, 256, (1, 3, 375, 500), dtype=torch.uint8)
+    assert eval_seg.preprocess(images, 336).shape == (1, 3, 336, 448)
+    small = torch.tensor([[[[0, 255]]], [[[51, 102]]], [[[255, 0]]]], dtype=torch.uint8).view(1, 3, 1, 2)
+    out = eval_seg.preprocess(small)
+    mean, std = torch.tensor(eval_seg.CLIP_MEAN), torch.tensor(eval_seg.CLIP_STD)
+    assert torch.allclose(out[0, :, 0, 0], (small[0, :, 0, 0] / 255.0 - mean) / std)
+
+
+def test_pca_map_gives_one_colour_per_feature_region():
+    feats = torch.zeros(4, 6, 8)
+    feats[:, :3] = torch.randn(8)                                      # left region
+    feats[:, 3:] = torch.randn(8)                                      # right region
+    rgb = eval_seg.pca_rgb(feats)
+    assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+    left, right = rgb[:, :3].reshape(-1, 3), rgb[:, 3:].reshape(-1, 3)
+    assert (left == left[0]).all() and (right == right[0]).all() and not (left[0] == right[0]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole loop, the checkpoint loader and the command line
+# ------------------------------------------------------------------------------------------------
+
+def make_folder_dataset(root, sizes=((16, 20), (16, 20), (18, 14))):
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate(sizes):
+        save_image(root / "images" / f"im{i}.png", h, w)
+        save_palette_png(str(root / "masks" / f"im{i}.png"), rng.choice([0, 1, 2, 255], size=(h, w)))
+    (root / "classes.txt").write_text("background\nred thing\nblue thing, azure thing\n")
+
+
+def test_evaluate_segmentation_end_to_end(tmp_path):
+    make_folder_dataset(tmp_path / "ds")
+    ds = load_dataset("folder", tmp_path / "ds")
+    model, tok = tiny_model(), ByteTokenizer(context_length=32)
+    kwargs = dict(dense="maskclip", templates="short", short_side=16, crop=16, stride=8, prob_thresh=0.4,
+                  progress=False)
+    res = eval_seg.evaluate_segmentation(model, tok, ds, batch_size=3, out_dir=tmp_path / "out",
+                                         n_pictures=2, **kwargs)
+    on_disk = json.loads((tmp_path / "out" / "seg_metrics.json").read_text())
+    assert on_disk["miou"] == res["miou"] and res["num_images"] == 3
+    assert on_disk["settings"]["crop"] == 16 and on_disk["settings"]["bg_prompts"] is True
+    assert set(res["per_class_iou"]) == {"background", "red thing", "blue thing"}
+    for name in ("seg_grid.png", "seg_pca_000.png", "seg_pca_001.png"):
+        assert Image.open(tmp_path / "out" / name).size[0] > 0
+    assert not (tmp_path / "out" / "seg_pca_002.png").exists()
+
+    # Independent recomputation: one image at a time through segment(), one confusion matrix.
+    text, qc = build_text_classifier(model, tok, ds.class_names, "short")
+    cm = ConfusionMatrix(3)
+    for i in range(len(ds)):
+        item = ds[i]
+        img = eval_seg.preprocess(item["image"][None], 16)
+        pred = eval_seg.segment(model, img, text, qc, 3, dense="maskclip", crop=16, stride=8,
+                                out_size=item["mask"].shape, logit_scale=40.0, prob_thresh=0.4,
+                                background_index=0)
+        assert pred.shape == (1, *item["mask"].shape)
+        cm.update(pred[0], item["mask"])
+    m = miou_from_confusion(cm.counts, 0)
+    assert res["miou"] == pytest.approx(100 * m["miou"], abs=1e-3)
+    assert res["fg_miou"] == pytest.approx(100 * m["fg_miou"], abs=1e-3)
+    assert res["pixel_acc"] == pytest.approx(100 * m["pixel_acc"], abs=1e-3)
+    assert model.training is False
+    with pytest.raises(ValueError, match="background could never be predicted"):
+        eval_seg.evaluate_segmentation(model, tok, ds, bg_prompts=False, prob_thresh=0.0, progress=False)
+
+
+def test_shapes_dataset_runs_whole_image():
+    model, tok = tiny_model(), ByteTokenizer(context_length=32)
+    ds = eval_seg.ShapesSegmentation(split="val", size=32, length=3)
+    assert ds.background_index == 0 and ds.class_names[0][:2] == ["background", "plain background"]
+    assert [c[0] for c in ds.class_names[1:]] == ds.shapes.class_names
+    res = eval_seg.evaluate_segmentation(model, tok, ds, progress=False)
+    # By name, as train.py calls it: the same images (the val split is deterministic) -> same numbers.
+    by_name = eval_seg.evaluate_segmentation(model, tok, "shapes", image_size=32, max_images=3,
+                                             device="cpu", progress=False)
+    assert by_name["miou"] == res["miou"] and by_name["dataset"] == "shapes-val"
+    assert res["settings"]["crop"] == 0 and res["settings"]["templates"] == "shapes"
+    assert 0 <= res["miou"] <= 100 and res["fg_miou"] is not None
+
+
+def test_checkpoint_round_trip_and_cli(tmp_path):
+    make_folder_dataset(tmp_path / "ds")
+    model = tiny_model()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, path)
+    loaded, tok = eval_seg.load_model_from_checkpoint(str(path))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert tok.context_length == 32 if hasattr(tok, "context_length") else True
+    res = eval_seg.main(["--ckpt", str(path), "--dataset", "folder", "--root", str(tmp_path / "ds"),
+                         "--device", "cpu", "--short_side", "16", "--crop", "16", "--stride", "8",
+                         "--templates", "short", "--n_pictures", "1"])
+    assert (tmp_path / "seg_metrics.json").exists() and res["settings"]["dense"] == "naive"
+    torch.save({"state_dict": model.state_dict()}, path)
+    with pytest.raises(ValueError, match="model_config"):
+        eval_seg.load_model_from_checkpoint(str(path))

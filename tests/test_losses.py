@@ -1,0 +1,488 @@
+"""Tests of losses.py, each against an independent computation (naive loops, formulas, hand-worked
+values), plus one 2-process gloo run (tests/ddp_losses_worker.py) for the DDP claims."""
+import doctest
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import losses  # noqa: E402
+from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder,  # noqa: E402
+                    TextMLMDecoder, clip_loss, mlm_loss, mlm_mask_tokens, siglip_loss,
+                    teacher_temp_schedule)
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive references: python loops over pairs, nothing shared with losses.py
+# ---------------------------------------------------------------------------------------------
+
+def naive_clip(img, txt, t):
+    B = img.shape[0]
+    total = 0.0
+    for a, b in ((img, txt), (txt, img)):          # image->text rows, then text->image rows
+        for i in range(B):
+            logits = [t * (a[i] * b[j]).sum() for j in range(B)]
+            total = total - (logits[i] - torch.log(sum(torch.exp(z) for z in logits)))
+    return total / (2 * B)
+
+
+def naive_siglip(img, txt, t, bias):
+    B = img.shape[0]
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            z = 1.0 if i == j else -1.0
+            x = z * (t * (img[i] * txt[j]).sum() + bias)
+            total = total + torch.log(1 + torch.exp(-x))          # -log sigmoid(x)
+    return total / B
+
+
+def random_pairs(B=6, E=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(B, E, generator=g, dtype=DT), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(B, E, generator=g, dtype=DT), dim=-1).requires_grad_(True)
+    return img, txt
+
+
+def naive_soft_ce(t_row, s_row, center, tt, ts):
+    """-sum_k softmax((t - c)/tt)[k] * log softmax(s/ts)[k] with python floats."""
+    K = len(t_row)
+    te = [math.exp((t_row[k] - center[k]) / tt) for k in range(K)]
+    pt = [v / sum(te) for v in te]
+    lse = math.log(sum(math.exp(s_row[k] / ts) for k in range(K)))
+    return -sum(pt[k] * (s_row[k] / ts - lse) for k in range(K))
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive losses
+# ---------------------------------------------------------------------------------------------
+
+def test_docstring_worked_examples():
+    res = doctest.testmod(losses)
+    assert res.attempted >= 2 and res.failed == 0
+    e = torch.eye(2)
+    by_hand = math.log(1 + math.exp(-1))                           # 0.3133 per row
+    assert clip_loss(e, e, torch.tensor(1.0)).item() == pytest.approx(by_hand, abs=1e-6)
+    assert siglip_loss(e, e, torch.tensor(1.0), torch.tensor(0.0)).item() == pytest.approx(
+        (2 * by_hand + 2 * math.log(2)) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_loss_and_gradients_match_naive_loop(kind):
+    img, txt = random_pairs()
+    t = torch.tensor(7.3, dtype=DT, requires_grad=True)
+    b = torch.tensor(-2.1, dtype=DT, requires_grad=True)
+    if kind == "clip":
+        fast, slow, leaves = clip_loss(img, txt, t), naive_clip(img, txt, t), (img, txt, t)
+    else:
+        fast, slow, leaves = siglip_loss(img, txt, t, b), naive_siglip(img, txt, t, b), (img, txt, t, b)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-12)
+    for gf, gs in zip(torch.autograd.grad(fast, leaves), torch.autograd.grad(slow, leaves)):
+        torch.testing.assert_close(gf, gs, rtol=1e-10, atol=1e-12)
+
+
+def test_losses_are_stable_where_naive_formulas_overflow():
+    # positives anti-aligned at scale 1000: the exact loss is 1000 + log(1 + e^-1000) = 1000
+    img = torch.eye(2)
+    txt = -torch.eye(2)
+    t = torch.tensor(1000.0)
+    assert clip_loss(img, txt, t).item() == pytest.approx(1000.0, rel=1e-6)
+    # sigmoid, one pair, logit -1000: -log sigmoid(-1000) = 1000 (log(1 + exp(1000)) overflows)
+    assert siglip_loss(img[:1], txt[:1], t, torch.tensor(0.0)).item() == pytest.approx(1000.0, rel=1e-6)
+    assert math.isinf(naive_siglip(img[:1], txt[:1], t, torch.tensor(0.0)).item())
+
+
+def test_contrastive_bad_input_is_a_clear_error():
+    img, txt = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        clip_loss(img, txt, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="logit bias"):
+        siglip_loss(img[:4], img[:4], torch.tensor(1.0), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: one 2-process gloo run, compared with one process on the whole batch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_losses")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ddp_losses_worker.py"), str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def single_process_grads(kind):
+    """Gradient of the naive global-batch loss, one process, the same model and data."""
+    import ddp_losses_worker as w
+    data = w.make_problem()
+    model = w.make_model(with_bias=kind == "siglip")
+    img, txt, t, bias = model(data["xi"], data["xt"])
+    loss = naive_clip(img, txt, t) if kind == "clip" else naive_siglip(img, txt, t, bias)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_ddp_gradient_equals_single_process_global_batch(ddp, kind):
+    # The claim: DDP averages parameter gradients over ranks, and each rank's local loss is defined
+    # so that mean_r grad(loss_r) == grad(global-batch loss). After backward every rank holds that
+    # average, so each rank's gradient must equal the one-process gradient on the whole batch,
+    # and the mean of the per-rank losses must equal the global loss.
+    ref_loss, ref = single_process_grads(kind)
+    assert (ddp[0][kind + "_loss"] + ddp[1][kind + "_loss"]) / 2 == pytest.approx(ref_loss, rel=1e-5)
+    for rank in range(2):
+        got = ddp[rank][kind + "_grads"]
+        assert set(got) == set(ref)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_ddp_tempting_alternatives_behave_as_the_docstring_says(ddp):
+    _, ref = single_process_grads("clip")
+    enc = ["img.weight", "img.bias", "txt.weight", "txt.bias"]
+
+    def rel_err(g, scale=1.0):
+        return max(((g[n] - scale * ref[n]).norm() / ref[n].norm()).item() for n in enc)
+
+    g = ddp[0]["alt_plain_local_grads"]          # plain all_gather + local loss: wrong direction
+    assert rel_err(g) > 0.1 and rel_err(g, 0.5) > 0.1
+    g = ddp[0]["alt_plain_global_grads"]         # plain all_gather + [B, B] loss: 1/W of the truth
+    assert rel_err(g, 0.5) < 1e-4
+    torch.testing.assert_close(g["logit_scale"], ref["logit_scale"], rtol=1e-4, atol=1e-6)
+    g = ddp[0]["alt_grad_global_grads"]          # gather with grad + [B, B] loss: right (but O(B^2))
+    assert rel_err(g) < 1e-4
+
+
+def naive_l2g(student, teacher, center, tt, ts):
+    """Mean over (q, v != q) of the batch-mean soft cross-entropy, python floats."""
+    terms = []
+    for q in range(len(teacher)):
+        for v in range(len(student)):
+            if v == q:
+                continue
+            B = len(teacher[q])
+            terms.append(sum(naive_soft_ce(teacher[q][i], student[v][i], center, tt, ts)
+                             for i in range(B)) / B)
+    return sum(terms) / len(terms), len(terms)
+
+
+def test_ddp_local_to_global_centre_and_loss(ddp):
+    import ddp_losses_worker as w
+    data = w.make_problem()
+    center = torch.zeros(w.K, dtype=DT)
+    for step in range(2):
+        teacher, student = data["teacher"][step].to(DT), data["student"][step].to(DT).requires_grad_(True)
+        # loss and gradient, one process, global batch; the centre used is the one before this step
+        loss = LocalToGlobalLoss(w.K)
+        loss.center.copy_(center)
+        value = loss(list(student), list(teacher), teacher_temp=0.04)
+        value.backward()
+        assert (ddp[0]["l2g_loss"][step] + ddp[1]["l2g_loss"][step]) / 2 == pytest.approx(value.item(), rel=1e-5)
+        for rank in range(2):
+            sl = slice(rank * w.B // 2, (rank + 1) * w.B // 2)
+            # DDP would average the two ranks' gradients: the per-rank gradient / 2 is the global one
+            torch.testing.assert_close(ddp[rank]["l2g_grad"][step].to(DT) / 2, student.grad[:, sl],
+                                       rtol=1e-4, atol=1e-7)
+        # running mean over the GLOBAL batch and both teacher views
+        center = 0.9 * center + 0.1 * teacher.reshape(-1, w.K).mean(0)
+        for rank in range(2):
+            torch.testing.assert_close(ddp[rank]["l2g_center"][step].flatten().to(DT), center,
+                                       rtol=1e-5, atol=1e-6)
+    assert torch.equal(ddp[0]["l2g_center"][1], ddp[1]["l2g_center"][1])
+
+
+def test_ddp_masked_distill_and_mlm_equal_single_process(ddp):
+    import ddp_losses_worker as w
+    data = w.make_problem()
+    mask = data["m_mask"]
+    assert mask[:4].sum() != mask[4:].sum()          # the ranks really hold different counts
+    # masked distillation, one process on the whole batch
+    s = data["m_student"].clone().requires_grad_(True)
+    md = MaskedDistillLoss(w.K)
+    value = md(s, data["m_teacher"], mask, teacher_temp=0.05)
+    value.backward()
+    assert (ddp[0]["md_loss"] + ddp[1]["md_loss"]) / 2 == pytest.approx(value.item(), rel=1e-5)
+    for rank in range(2):
+        sl = slice(rank * 4, (rank + 1) * 4)
+        torch.testing.assert_close(ddp[rank]["md_grad"] / 2, s.grad[sl], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(ddp[rank]["md_center"], md.center, rtol=1e-5, atol=1e-6)
+    # MLM, one process
+    lg = data["mlm_logits"].clone().requires_grad_(True)
+    value = mlm_loss(lg, data["mlm_labels"])
+    value.backward()
+    assert (ddp[0]["mlm_loss"] + ddp[1]["mlm_loss"]) / 2 == pytest.approx(value.item(), rel=1e-5)
+    for rank in range(2):
+        sl = slice(rank * 4, (rank + 1) * 4)
+        torch.testing.assert_close(ddp[rank]["mlm_grad"] / 2, lg.grad[sl], rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head and local-to-global loss, one process
+# ---------------------------------------------------------------------------------------------
+
+def test_dino_head_is_cosine_to_unit_prototypes():
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=8, hidden_dim=16, bottleneck_dim=4, out_dim=10, nlayers=3)
+    x = torch.randn(3, 5, 8)
+    out = head(x)
+    assert out.shape == (3, 5, 10)
+    # independent: cosine between the MLP output and each prototype row
+    z = head.mlp(x)
+    for k in range(10):
+        cos = F.cosine_similarity(z, head.last_layer.weight[k].expand_as(z), dim=-1)
+        torch.testing.assert_close(out[..., k], cos, rtol=1e-5, atol=1e-6)
+    # only the prototypes' directions matter
+    with torch.no_grad():
+        head.last_layer.weight.mul_(torch.rand(10, 1) * 5 + 0.1)
+    torch.testing.assert_close(head(x), out, rtol=1e-5, atol=1e-6)
+    assert len([m for m in head.mlp if isinstance(m, torch.nn.Linear)]) == 3
+    assert len([m for m in DINOHead(8, 16, 4, 10, nlayers=1).mlp]) == 1
+
+
+def test_cancel_last_layer_grad_freezes_prototypes_only():
+    torch.manual_seed(0)
+    head = DINOHead(8, 16, 4, 10)
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1)
+    before_last = head.last_layer.weight.detach().clone()
+    before_mlp = head.mlp[0].weight.detach().clone()
+    head(torch.randn(4, 8)).pow(2).sum().backward()
+    assert head.last_layer.weight.grad is not None
+    head.cancel_last_layer_grad()
+    opt.step()
+    assert torch.equal(head.last_layer.weight, before_last)
+    assert not torch.equal(head.mlp[0].weight, before_mlp)
+
+
+def test_local_to_global_equals_naive_double_loop_and_centre_formula():
+    g = torch.Generator().manual_seed(1)
+    B, K = 3, 5
+    student = [torch.randn(B, K, generator=g, dtype=DT) for _ in range(6)]   # 2 global + 4 local
+    teacher = [torch.randn(B, K, generator=g, dtype=DT) * 2 for _ in range(2)]
+    loss = LocalToGlobalLoss(K, student_temp=0.1, center_momentum=0.9).to(DT)
+    c0 = torch.randn(1, K, generator=g, dtype=DT)
+    loss.center.copy_(c0)
+    value = loss(student, teacher, teacher_temp=0.05)
+    expected, n_pairs = naive_l2g([s.tolist() for s in student], [t.tolist() for t in teacher],
+                                  c0[0].tolist(), 0.05, 0.1)
+    assert n_pairs == 2 * 6 - 2
+    assert value.item() == pytest.approx(expected, rel=1e-10)
+    # centre: c <- 0.9 c0 + 0.1 * mean over both views and the batch
+    mean = sum(t.sum(0) for t in teacher) / (2 * B)
+    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * mean)
+    # evaluation mode leaves the centre alone
+    loss.eval()
+    c1 = loss.center.clone()
+    loss(student, teacher, teacher_temp=0.05)
+    assert torch.equal(loss.center, c1)
+
+
+def test_local_to_global_pair_count_and_stop_gradient():
+    # DINO's 2 global x 10 views - 2 = 18 pairs; the teacher side gets no gradient
+    B, K = 2, 4
+    student = [torch.randn(B, K, requires_grad=True) for _ in range(10)]
+    teacher = [torch.randn(B, K, requires_grad=True) for _ in range(2)]
+    loss = LocalToGlobalLoss(K)
+    loss(student, teacher, teacher_temp=0.04).backward()
+    assert all(t.grad is None for t in teacher)
+    assert all(s.grad is not None for s in student)
+    expected, n_pairs = naive_l2g([s.tolist() for s in student], [t.tolist() for t in teacher],
+                                  [0.0] * K, 0.04, 0.1)
+    assert n_pairs == 18
+    with pytest.raises(ValueError):
+        loss([student[0]], [teacher[0]], teacher_temp=0.04)
+
+
+def test_teacher_temp_schedule():
+    s = teacher_temp_schedule(100, 30)
+    assert len(s) == 100
+    assert s[0] == pytest.approx(0.04) and s[30] == pytest.approx(0.07) and s[-1] == pytest.approx(0.07)
+    assert s[15] == pytest.approx(0.04 + 0.03 * 15 / 30)
+    assert (teacher_temp_schedule(10, 0) == 0.07).all()
+    with pytest.raises(ValueError):
+        teacher_temp_schedule(10, 11)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked distillation and its decoder
+# ---------------------------------------------------------------------------------------------
+
+def test_masked_distill_equals_naive_per_patch_loop_and_ignores_visible_patches():
+    g = torch.Generator().manual_seed(2)
+    B, N, K = 2, 6, 5
+    s = torch.randn(B, N, K, generator=g, dtype=DT, requires_grad=True)
+    t = torch.randn(B, N, K, generator=g, dtype=DT) * 2
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    loss = MaskedDistillLoss(K).to(DT)
+    c0 = torch.randn(1, K, generator=g, dtype=DT)
+    loss.center.copy_(c0)
+    value = loss(s, t, mask, teacher_temp=0.06)
+    terms = [naive_soft_ce(t[b, n].tolist(), s[b, n].tolist(), c0[0].tolist(), 0.06, 0.1)
+             for b in range(B) for n in range(N) if mask[b, n]]
+    assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-10)
+    # patch centre: mean over ALL patches of the batch
+    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * t.reshape(-1, K).mean(0))
+    # visible patches: zero gradient, and changing them changes nothing
+    value.backward()
+    assert (s.grad[~mask] == 0).all() and (s.grad[mask].abs().sum(-1) > 0).all()
+    loss.eval()
+    loss.center.copy_(c0)
+    s2 = s.detach().clone()
+    s2[~mask] = torch.randn(int((~mask).sum()), K, dtype=DT) * 100
+    assert loss(s2, t, mask, teacher_temp=0.06).item() == pytest.approx(value.item(), rel=1e-12)
+
+
+def test_masked_distill_bad_input():
+    loss = MaskedDistillLoss(4)
+    with pytest.raises(ValueError, match="bool mask"):
+        loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 3), 0.04)
+    with pytest.raises(ValueError, match="same shape"):
+        loss(torch.randn(2, 3, 4), torch.randn(2, 4, 4), torch.ones(2, 3, dtype=torch.bool), 0.04)
+
+
+def test_patch_decoder_places_tokens_by_hand():
+    # with no Blocks, the output is LayerNorm of the assembled sequence, which we can build by hand
+    torch.manual_seed(0)
+    B, N, D = 2, 6, 8
+    dec = MaskedPatchDecoder(D, num_heads=2, num_layers=0)
+    with torch.no_grad():
+        dec.mask_token.normal_()
+    pos = torch.randn(1 + N, D)
+    mask = torch.tensor([[1, 0, 0, 1, 0, 1], [0, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    full = torch.randn(B, 1 + N, D)                                  # a token-mode encoder output
+    visible = torch.stack([torch.cat([full[b, :1], full[b, 1:][~mask[b]]]) for b in range(B)])
+    out_drop = dec(visible, mask, pos)
+    out_token = dec(full, mask, pos)
+    ln = dec.ln
+    for b in range(B):
+        for n in range(N):
+            if mask[b, n]:
+                want_drop = ln(dec.mask_token + pos[1 + n])
+                want_token = ln(full[b, 1 + n] + dec.mask_token)
+            else:
+                want_drop = want_token = ln(full[b, 1 + n])
+            torch.testing.assert_close(out_drop[b, n], want_drop)
+            torch.testing.assert_close(out_token[b, n], want_token)
+    with pytest.raises(ValueError, match="patch tokens"):
+        dec(full[:, :3], mask, pos)                                  # 2 patch tokens: neither mode
+
+
+def test_masked_branch_gradients_reach_student_not_teacher():
+    from clip import CLIPConfig, VisionTransformer
+    from ema import make_teacher
+    from masking import random_mask
+    torch.manual_seed(0)
+    cfg = CLIPConfig(image_size=16, patch_size=4, stem="linear", vision_width=16, vision_layers=1,
+                     vision_heads=2, text_width=16, text_layers=1, text_heads=2, embed_dim=8)
+    student = torch.nn.ModuleDict(dict(visual=VisionTransformer(cfg), head=DINOHead(16, 16, 8, 12)))
+    decoder = MaskedPatchDecoder(16, num_heads=2, num_layers=1)
+    teacher = make_teacher(student)
+    images = torch.randn(3, 3, 16, 16)
+    mask = random_mask(3, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    for mode in ("drop", "token"):
+        for p in [*student.parameters(), *decoder.parameters()]:
+            p.grad = None
+        with torch.no_grad():
+            t_logits = teacher["head"](teacher["visual"](images)[1][:, 1:])          # [3, 16, 12]
+        _, tok = student["visual"](images, mask=mask, mask_mode=mode)
+        pred = decoder(tok, mask, student["visual"])                               # [3, 16, 16]
+        loss = MaskedDistillLoss(12)(student["head"](pred), t_logits, mask, teacher_temp=0.04)
+        loss.backward()
+        assert t_logits.requires_grad is False
+        for name, p in [*student.named_parameters(), *decoder.named_parameters()]:
+            if name in ("visual.proj.weight",):                  # the pooled projection is not used here
+                continue
+            if mode == "drop" and name == "visual.mask_token":   # no mask token in the encoder
+                continue
+            assert p.grad is not None and p.grad.abs().sum() > 0, (mode, name)
+        assert all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked language modelling
+# ---------------------------------------------------------------------------------------------
+
+def random_captions(n, L=40, seed=0):
+    """SOT, 5..L-2 byte tokens (ids 4..259), EOT, then PAD: like data.ByteTokenizer's output."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, L, dtype=torch.long)
+    lengths = torch.randint(5, L - 1, (n,), generator=g)
+    for i, m in enumerate(lengths.tolist()):
+        tokens[i, 0] = losses.SOT_ID
+        tokens[i, 1:m - 1] = torch.randint(4, 260, (m - 2,), generator=g)
+        tokens[i, m - 1] = losses.EOT_ID
+    return tokens
+
+
+def test_mlm_masking_80_10_10_within_binomial_bounds_and_never_special():
+    tokens = random_captions(3000)
+    inputs, labels = mlm_mask_tokens(tokens, mask_prob=0.2, generator=torch.Generator().manual_seed(0))
+    special = (tokens == losses.PAD_ID) | (tokens == losses.SOT_ID) | (tokens == losses.EOT_ID)
+    # special tokens: never selected, never changed
+    assert (labels[special] == -100).all() and torch.equal(inputs[special], tokens[special])
+    # unselected tokens are untouched; labels are the original ids where selected
+    sel = labels != -100
+    assert torch.equal(inputs[~sel], tokens[~sel]) and torch.equal(labels[sel], tokens[sel])
+
+    def within(k, n, p):  # |k - np| < 5 sigma of a binomial
+        return abs(k - n * p) < 5 * math.sqrt(n * p * (1 - p))
+
+    n_ord, n_sel = int((~special).sum()), int(sel.sum())
+    assert within(n_sel, n_ord, 0.2)
+    became_mask = int((inputs[sel] == losses.MASK_ID).sum())
+    changed = int(((inputs[sel] != losses.MASK_ID) & (inputs[sel] != tokens[sel])).sum())
+    kept = n_sel - became_mask - changed
+    n_ordinary_ids = 260 - 4          # random replacements come from the 256 byte ids
+    assert within(became_mask, n_sel, 0.8)
+    # a random replacement equals the original with probability 1/256: counted as "kept"
+    assert within(changed, n_sel, 0.1 * (1 - 1 / n_ordinary_ids))
+    assert within(kept, n_sel, 0.1 + 0.1 / n_ordinary_ids)
+    # random replacements are ordinary byte ids, never special tokens
+    assert (inputs[sel & (inputs != losses.MASK_ID)] >= 4).all()
+    # the generator makes it reproducible
+    again = mlm_mask_tokens(tokens, mask_prob=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
+
+
+def test_mlm_loss_counts_labelled_positions_only():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=DT, requires_grad=True)
+    labels = torch.tensor([[-100, 3, -100, 6, -100], [0, -100, -100, -100, 2]])
+    value = mlm_loss(logits, labels)
+    terms = []
+    for b in range(2):
+        for i in range(5):
+            if labels[b, i] != -100:
+                row = logits[b, i].tolist()
+                terms.append(math.log(sum(math.exp(z) for z in row)) - row[labels[b, i]])
+    assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    value.backward()
+    assert (logits.grad[labels == -100] == 0).all()
+    assert mlm_loss(logits, torch.full((2, 5), -100)).item() == 0.0
+
+
+def test_text_decoder_is_bidirectional_and_ignores_padding():
+    torch.manual_seed(0)
+    dec = TextMLMDecoder(width=16, num_heads=2, vocab_size=30, num_layers=2)
+    tokens = torch.tensor([[1, 7, 8, 9, 2, 0, 0]])
+    feats = torch.randn(1, 7, 16)
+    out = dec(feats, tokens)
+    assert out.shape == (1, 7, 30)
+    later = feats.clone()
+    later[0, 3] = torch.randn(16)               # a change AFTER position 1 ...
+    assert not torch.allclose(dec(later, tokens)[0, 1], out[0, 1])   # ... reaches position 1
+    pad = feats.clone()
+    pad[0, 5:] = torch.randn(2, 16) * 10       # padding features are never attended to
+    torch.testing.assert_close(dec(pad, tokens)[0, :5], out[0, :5])

@@ -1,0 +1,744 @@
+"""
+train.py: the training loop that wires every idea of this repository together.
+
+Read it top to bottom, like nanoGPT's train.py: a config, the data, the model, the teacher, the
+optimizer, then one loop in which each step does
+
+    1. teacher forward   (no gradient; only for the self-distillation methods)
+    2. student forward   -> one scalar loss per objective, summed with their weights
+    3. backward, clip, optimizer step, logit-scale clamp
+    4. EMA update of the teacher from the student
+
+The objectives (chosen with --method):
+
+    clip           L = L_contrastive(image, caption)                         (CLIP / SigLIP)
+    silc           L = mean_g L_contrastive(global view g, caption)
+                       + w_sd * L_local->global                              (SILC, Naeem et al. 2023)
+    maskclip       L = L_contrastive + lambda * L_masked-distill + beta * L_mlm   (MaskCLIP, Dong et al. 2022)
+    silc+maskclip  both self-distillation losses with one teacher            (the SigLIP 2 recipe)
+
+--loss picks the contrastive loss: "softmax" (CLIP, Radford et al. 2021) or "sigmoid" (SigLIP,
+Zhai et al. 2023). The pieces live in their own files: clip.py (the model), losses.py (every loss and
+head), ema.py (the teacher), masking.py (patch masks), data.py (text, images, crops), eval_seg.py
+(zero-shot segmentation).
+
+Run it:
+    python train.py                                   # CPU default: tiny CLIP on the shapes data
+    python train.py --method=silc --steps=2000        # any Config field as --key=value
+    torchrun --nproc_per_node=8 train.py --model=B/16 --data=/data/cc3m/{00000..00331}.tar \\
+        --image_size=224 --batch_size=4096 --compile=True
+
+Batch size convention: `batch_size` is the GLOBAL batch of one optimizer step, summed over ranks and
+gradient-accumulation micro-steps. So the same config gives the same optimisation problem on 1 or 8
+processes (that is what tests/test_train.py checks under DDP).
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------------------------
+# Config: every default is the CPU-friendly one. Override any field with --key=value.
+# -----------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # --- run ---
+    out_dir: str = "out"
+    method: str = "clip"            # clip | silc | maskclip | silc+maskclip
+    loss: str = "softmax"           # softmax (CLIP) | sigmoid (SigLIP)
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | cuda:1 ...
+    compile: bool = False           # wrap the model in torch.compile
+    resume: bool = False            # continue from out_dir/ckpt.pt
+    init_from: str = ""             # a public CLIP checkpoint (OpenAI / open_clip file) to start from
+    # --- data ---
+    data: str = "shapes"            # "shapes" | a .csv/.tsv file | a folder or {a..b} pattern of .tar shards
+    subset: float = 0.0             # 0 = all; 0 < x < 1: that fraction; x >= 1: the first int(x) samples
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = "auto"     # auto: tab for .tsv, comma for .csv
+    num_workers: int = 1
+    image_size: int = 64
+    # --- model ---
+    model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
+    patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it
+    stem: str = ""                  # "" = the named size's; "linear" (public CLIP) | "conv" (Xiao et al. 2021)
+    vision_width: int = 0
+    vision_layers: int = 0
+    text_width: int = 0
+    text_layers: int = 0
+    embed_dim: int = 0
+    # --- optimisation ---
+    steps: int = 1500
+    batch_size: int = 128           # global batch per optimizer step (all ranks x accumulation)
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    # --- SILC: local-to-global self-distillation ---
+    n_local_crops: int = 4
+    sd_weight: float = 1.0          # w_sd in L = L_con + w_sd * L_sd
+    sd_start: float = 0.0           # fraction of training after which self-distillation switches on
+    head_hidden: int = 512          # DINO head sizes (DINO, B/16: 2048 / 256 / 65536)
+    head_bottleneck: int = 128
+    head_out: int = 1024            # K prototypes
+    teacher_momentum: float = 0.99  # fixed EMA momentum (SILC: a schedule that converges to 1 hurts)
+    momentum_schedule: str = "fixed"  # fixed | cosine (DINO: momentum -> 1)
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04  # start value, warmed up linearly to teacher_temp
+    teacher_temp_warmup_frac: float = 0.3
+    student_temp: float = 0.1
+    freeze_last_layer_steps: int = 0  # DINO cancels the last head layer's gradient for 1 epoch
+    # --- MaskCLIP: masked self-distillation + masked language modelling ---
+    mask_ratio: float = -1.0        # -1 = method default: 0.75 (maskclip), 0.5 (silc+maskclip)
+    mask_mode: str = "auto"         # auto | drop | token (auto: drop for maskclip, token for silc+maskclip)
+    mask_kind: str = "random"       # random | block
+    dist_weight: float = -1.0       # -1 = method default: 0.05 (maskclip), 0.25 (silc+maskclip)
+    mlm_weight: float = -1.0        # -1 = method default: 0.05 (maskclip), 0 (silc+maskclip)
+    mlm_prob: float = 0.2
+    decoder_layers: int = 1
+    text_decoder_layers: int = 1
+    # --- logging, evaluation, checkpoints ---
+    log_interval: int = 10
+    eval_interval: int = 0          # 0 = only at the end
+    ckpt_interval: int = 500
+    eval: bool = True               # evaluate at the end (classification, retrieval, segmentation)
+    eval_seg: bool = True           # include zero-shot segmentation (eval_seg.py)
+    eval_samples: int = 500         # size of the val splits used during/after training
+
+
+METHODS = ("clip", "silc", "maskclip", "silc+maskclip")
+
+
+def parse_args(argv):
+    """--key=value overrides of Config. An unknown key or a badly typed value exits with a clear
+    message instead of a traceback."""
+    cfg = Config()
+    types = {f.name: f.type for f in fields(Config)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            print("Config fields and defaults:")
+            for f in fields(Config):
+                print(f"  --{f.name}={getattr(cfg, f.name)!r}")
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            sys.exit(f"error: arguments must look like --key=value, got {arg!r}")
+        key, val = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in types:
+            sys.exit(f"error: unknown config key {key!r}. Valid keys: {', '.join(types)}")
+        typ = types[key]
+        try:
+            if typ in (bool, "bool"):
+                if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(val)
+                parsed = val.lower() in ("true", "1", "yes")
+            elif typ in (int, "int"):
+                parsed = int(val)
+            elif typ in (float, "float"):
+                parsed = float(val)
+            else:
+                parsed = val
+        except ValueError:
+            sys.exit(f"error: --{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}")
+        setattr(cfg, key, parsed)
+    return cfg
+
+
+def resolve_method_defaults(cfg):
+    """Fill the -1 / auto fields with the defaults of the chosen method, and check choices."""
+    if cfg.method not in METHODS:
+        sys.exit(f"error: --method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.loss not in ("softmax", "sigmoid"):
+        sys.exit(f"error: --loss must be softmax or sigmoid, got {cfg.loss!r}")
+    both = cfg.method == "silc+maskclip"
+    if cfg.mask_ratio < 0:
+        cfg.mask_ratio = 0.5 if both else 0.75          # SigLIP 2: 50%; MaskCLIP: 75%
+    if cfg.mask_mode == "auto":
+        cfg.mask_mode = "token" if both else "drop"     # SigLIP 2 uses mask tokens; FLIP-style drop is cheaper
+    if cfg.dist_weight < 0:
+        cfg.dist_weight = 0.25 if both else 0.05        # SigLIP 2: 1 and 0.25; MaskCLIP: lambda = 0.05
+    if cfg.mlm_weight < 0:
+        cfg.mlm_weight = 0.0 if both else 0.05          # MaskCLIP: beta = 0.05; SigLIP 2 has no MLM
+    if cfg.mask_mode not in ("drop", "token"):
+        sys.exit(f"error: --mask_mode must be drop, token or auto, got {cfg.mask_mode!r}")
+    if cfg.mask_kind not in ("random", "block"):
+        sys.exit(f"error: --mask_kind must be random or block, got {cfg.mask_kind!r}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------
+# Distributed helpers: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python train.py` does not.
+# -----------------------------------------------------------------------------------------------
+def setup_distributed(cfg):
+    """Returns (rank, world, local_rank, device). NCCL on CUDA, gloo on CPU."""
+    if cfg.device == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_type = cfg.device.split(":")[0]
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        device = torch.device(f"cuda:{local_rank}") if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world, local_rank = 0, 1, 0
+        device = torch.device(cfg.device if cfg.device != "auto" else device_type)
+    return rank, world, local_rank, device
+
+
+def unwrap(model):
+    """The raw nn.Module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Data order: a step-indexed sampler, so that a run is reproducible, resumable at any step, and
+# identical on 1 or N processes. Global step t reads positions [t*B, (t+1)*B) of an endless stream
+# made of per-epoch permutations of the dataset; rank r of W, accumulation micro-step a, takes the
+# slice [(a*W + r)*b, (a*W + r + 1)*b) with b = B / (W * accum).
+# -----------------------------------------------------------------------------------------------
+class StepSampler(torch.utils.data.Sampler):
+    def __init__(self, n, batch_size, world, rank, accum, seed, start_step=0):
+        self.n, self.B, self.world, self.rank, self.accum = n, batch_size, world, rank, accum
+        self.micro = batch_size // (world * accum)
+        self.seed, self.start_step = seed, start_step
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch):
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            for a in range(self.accum):
+                start = step * self.B + (a * self.world + self.rank) * self.micro
+                batch = []
+                for pos in range(start, start + self.micro):
+                    epoch, i = divmod(pos, self.n)
+                    # (index, epoch) lets the dataset seed this sample's augmentation (see SeededSample)
+                    batch.append((int(self._permutation(epoch)[i]), epoch))
+                yield batch
+            step += 1
+
+    def __len__(self):  # endless; DataLoader only needs this for its own bookkeeping
+        return 2**62
+
+
+class SeededSample(torch.utils.data.Dataset):
+    """Seeds the random number generators from (seed, epoch, index) before reading a sample, so every
+    random crop, flip and colour jitter is a function of the sample alone: the same on any rank,
+    any DataLoader worker, and after a resume."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        s = (self.seed * 1_000_003 + epoch * 7_919 + index) % (2**31)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        return self.dataset[index]
+
+
+# -----------------------------------------------------------------------------------------------
+# The student: CLIP plus whatever heads and decoders the method needs, as ONE nn.Module whose
+# forward returns every loss. One module because DDP must see a single forward per step to
+# synchronise gradients; the teacher stays outside it (it has no gradients to synchronise).
+# -----------------------------------------------------------------------------------------------
+class Pretrainer(nn.Module):
+    def __init__(self, cfg, clip_cfg):
+        super().__init__()
+        from clip import CLIP
+        from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder,
+                            TextMLMDecoder)
+        self.cfg = cfg
+        self.use_sd = "silc" in cfg.method
+        self.use_mask = "maskclip" in cfg.method
+        self.clip = CLIP(clip_cfg)
+        D = clip_cfg.vision_width
+        if self.use_sd:
+            # SILC: the DINO head on the class token of every crop (sizes: see Config)
+            self.head = DINOHead(D, cfg.head_hidden, cfg.head_bottleneck, cfg.head_out)
+            self.l2g_loss = LocalToGlobalLoss(cfg.head_out, student_temp=cfg.student_temp)
+        if self.use_mask:
+            # MaskCLIP: a separate head (the "online quantizer") for patch tokens, with its own centre
+            self.patch_head = DINOHead(D, cfg.head_hidden, cfg.head_bottleneck, cfg.head_out)
+            self.mask_loss = MaskedDistillLoss(cfg.head_out, student_temp=cfg.student_temp)
+            self.decoder = MaskedPatchDecoder(D, clip_cfg.vision_heads, num_layers=cfg.decoder_layers)
+            if cfg.mlm_weight > 0:
+                self.text_decoder = TextMLMDecoder(clip_cfg.text_width, clip_cfg.text_heads,
+                                                   clip_cfg.vocab_size, num_layers=cfg.text_decoder_layers)
+
+    def image_student(self):
+        """The modules the EMA teacher copies: image encoder + heads (the text tower has no teacher)."""
+        parts = {"visual": self.clip.visual}
+        if self.use_sd:
+            parts["head"] = self.head
+        if self.use_mask:
+            parts["patch_head"] = self.patch_head
+        return nn.ModuleDict(parts)
+
+    def contrastive(self, img, txt):
+        from losses import clip_loss, siglip_loss
+        scale = self.clip.logit_scale.exp()
+        if self.cfg.loss == "sigmoid":
+            return siglip_loss(img, txt, scale, self.clip.logit_bias)
+        return clip_loss(img, txt, scale)
+
+    def forward(self, batch, teacher_out=None, teacher_temp=0.07):
+        """batch: this rank's micro-batch (see data.collate); teacher_out: the teacher's logits
+        (None while self-distillation is off). Returns a dict of scalar losses, weights applied
+        only in 'loss' (the total)."""
+        cfg, visual = self.cfg, self.clip.visual
+        out = {}
+        txt = F.normalize(self.clip.text(batch["tokens"])[0], dim=-1)          # [b, E]
+
+        if self.use_sd or (self.use_mask and "global_crops" in batch):
+            # SILC: every global view is aligned with the caption ("otherwise the two objectives
+            # diverge", SILC sec. 3). One encoder forward per resolution: globals, then locals.
+            g = batch["global_crops"]                                           # [2, b, 3, S, S]
+            n_g, b = g.shape[:2]
+            g_emb, g_tok = visual(g.flatten(0, 1))                              # [2b, E], [2b, 1+N, D]
+            img = F.normalize(g_emb, dim=-1).view(n_g, b, -1)
+            out["contrastive"] = sum(self.contrastive(img[v], txt) for v in range(n_g)) / n_g
+        else:
+            g_emb, g_tok = visual(batch["images"])                              # [b, E], [b, 1+N, D]
+            out["contrastive"] = self.contrastive(F.normalize(g_emb, dim=-1), txt)
+        total = out["contrastive"]
+
+        if teacher_out is not None and self.use_sd:
+            # Local-to-global: the student's class token of EVERY view (global and local) must
+            # predict the teacher's distribution on each OTHER global view.
+            student = list(self.head(g_tok[:, 0]).chunk(n_g))                  # n_g x [b, K]
+            if batch.get("local_crops") is not None and batch["local_crops"].shape[0] > 0:
+                l = batch["local_crops"]                                        # [n, b, 3, s, s]
+                _, l_tok = visual(l.flatten(0, 1))
+                student += list(self.head(l_tok[:, 0]).chunk(l.shape[0]))
+            out["sd"] = self.l2g_loss(student, teacher_out["global"], teacher_temp)
+            total = total + cfg.sd_weight * out["sd"]
+
+        if teacher_out is not None and self.use_mask:
+            # Masked self-distillation: a SECOND student forward on the masked image. The source is
+            # the first global view when there are crops (teacher and student see the same view).
+            src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
+            mask = batch["patch_mask"]                                          # [b, N] bool
+            _, m_tok = visual(src, mask=mask, mask_mode=cfg.mask_mode)          # [b, 1+N', D]
+            pred = self.decoder(m_tok, mask, visual)                            # [b, N, D]
+            out["dist"] = self.mask_loss(self.patch_head(pred), teacher_out["patch"], mask, teacher_temp)
+            total = total + cfg.dist_weight * out["dist"]
+            if cfg.mlm_weight > 0:
+                # MLM: a third (text) forward on the masked caption; the causal text encoder's token
+                # features go through a small bidirectional decoder that sees both directions.
+                feats = self.clip.text(batch["mlm_inputs"])[1]                  # [b, L, W]
+                from losses import mlm_loss
+                out["mlm"] = mlm_loss(self.text_decoder(feats), batch["mlm_labels"])
+                total = total + cfg.mlm_weight * out["mlm"]
+        out["loss"] = total
+        return out
+
+
+@torch.no_grad()
+def teacher_forward(teacher, batch, use_sd, use_mask):
+    """The EMA teacher sees only full / global views, under no_grad (the stop-gradient of DINO)."""
+    out = {}
+    src = batch["global_crops"] if "global_crops" in batch else batch["images"].unsqueeze(0)
+    n_g, b = src.shape[:2]
+    _, tok = teacher["visual"](src.flatten(0, 1))                               # [n_g*b, 1+N, D]
+    if use_sd:
+        out["global"] = list(teacher["head"](tok[:, 0]).chunk(n_g))             # n_g x [b, K]
+    if use_mask:
+        out["patch"] = teacher["patch_head"](tok[:b, 1:])                       # [b, N, K] of view 0
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# Schedules (per step, DINO style): learning rate, teacher temperature, EMA momentum.
+# -----------------------------------------------------------------------------------------------
+def lr_at(step, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def teacher_temp_at(step, cfg, start_step):
+    """DINO: the teacher temperature warms up linearly (0.04 -> 0.07); sharper early targets keep the
+    freshly started distillation from collapsing to the uniform distribution."""
+    warm = max(1, int(cfg.teacher_temp_warmup_frac * (cfg.steps - start_step)))
+    t = min(1.0, (step - start_step) / warm)
+    return cfg.teacher_temp_warmup + t * (cfg.teacher_temp - cfg.teacher_temp_warmup)
+
+
+def momentum_at(step, cfg, start_step):
+    """SILC keeps the EMA momentum FIXED: "the momentum scheduler of the EMA should not converge to
+    1.0". DINO's cosine schedule (base -> 1) is the option."""
+    if cfg.momentum_schedule == "fixed":
+        return cfg.teacher_momentum
+    progress = (step - start_step) / max(1, cfg.steps - start_step)
+    return 1.0 - (1.0 - cfg.teacher_momentum) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; no weight decay on tensors with fewer than 2 dimensions (biases, norm gains, the logit
+    scale/bias) nor on the position / class / mask embeddings (open_clip's rule, plus embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "pos_embed" in name or "cls_token" in name or "mask_token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: written atomically (temporary file + os.replace), so a crash in the middle of a
+# save leaves the previous checkpoint intact. Only tensors, numbers, strings, lists and dicts go in,
+# so they load with torch.load(weights_only=True).
+# -----------------------------------------------------------------------------------------------
+def rng_state():
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path, pretrainer, teacher, optimizer, step, cfg):
+    sd = pretrainer.state_dict()
+    ckpt = {
+        "model": {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")},  # a plain CLIP
+        "model_config": dataclasses.asdict(pretrainer.clip.config),
+        "extra": {k: v for k, v in sd.items() if not k.startswith("clip.")},  # heads, decoders, centres
+        "teacher": teacher.state_dict() if teacher is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": dataclasses.asdict(cfg),
+        "rng": rng_state(),
+    }
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)   # atomic on POSIX: readers see the old file or the new one, never half
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        sys.exit(f"error: --resume was given but there is no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation on the shapes val splits: validation loss, zero-shot shape classification (class names
+# in prompt templates, as CLIP does for ImageNet), image<->text retrieval, and zero-shot segmentation.
+# -----------------------------------------------------------------------------------------------
+def recall_at_k(sim, match, ks=(1, 5)):
+    """sim: [Q, C] similarities; match: [Q, C] bool, True where candidate c is a correct answer for
+    query q. Shapes captions repeat ("two circles"), so every candidate with the same caption counts."""
+    top = sim.topk(max(ks), dim=1).indices                                      # [Q, kmax]
+    hit = match.gather(1, top)                                                  # [Q, kmax]
+    return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
+    from data import SHAPES_TEMPLATES, ShapesDataset, collate
+    from eval_seg import build_text_classifier, classifier_scores
+    if cfg.data != "shapes":
+        return {}  # real image-text data has no labelled val split here; use eval_seg.py on a dataset
+    was_training = clip.training
+    clip.eval()
+    metrics = {}
+    # --- retrieval + val loss on the multi-object val split ---
+    val = ShapesDataset("val", size=cfg.image_size, length=cfg.eval_samples, seed=0)
+    imgs, txts, caps, losses = [], [], [], []
+    for i in range(0, len(val), 250):
+        batch = collate([val[j] for j in range(i, min(i + 250, len(val)))], tokenizer)
+        with autocast_ctx:
+            im, tx, scale, bias = clip(batch["images"].to(device), batch["tokens"].to(device))
+        im, tx = im.float(), tx.float()
+        logits = scale * im @ tx.T + (bias if bias is not None else 0.0)
+        labels = torch.arange(len(im), device=device)
+        losses.append(0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item())
+        imgs.append(im)
+        txts.append(tx)
+        caps += batch["captions"]
+    im, tx = torch.cat(imgs), torch.cat(txts)
+    same = torch.tensor([[a == b for b in caps] for a in caps], device=device)  # [n, n]
+    sim = im @ tx.T
+    i2t, t2i = recall_at_k(sim, same), recall_at_k(sim.T, same)
+    metrics.update(val_loss=float(np.mean(losses)), i2t_r1=i2t[1], i2t_r5=i2t[5], t2i_r1=t2i[1], t2i_r5=t2i[5])
+    # --- zero-shot classification on single-object images ---
+    single = ShapesDataset("val_single", size=cfg.image_size, length=cfg.eval_samples, seed=0)
+    names = [[n] for n in single.class_names]
+    classifier = build_text_classifier(clip, tokenizer, names, SHAPES_TEMPLATES, device=device)
+    correct = 0
+    for i in range(0, len(single), 250):
+        batch = collate([single[j] for j in range(i, min(i + 250, len(single)))], tokenizer)
+        with autocast_ctx:
+            im = clip.encode_image(batch["images"].to(device)).float()
+        pred = classifier_scores(im, classifier).argmax(dim=1).cpu()
+        correct += (pred == batch["labels"]).sum().item()
+    metrics["zeroshot_acc"] = correct / len(single)
+    # --- zero-shot segmentation (eval_seg.py) ---
+    if with_seg:
+        from eval_seg import evaluate_segmentation
+        for dense in ("naive", "maskclip"):
+            seg = evaluate_segmentation(clip, tokenizer, dataset="shapes", dense=dense, device=device,
+                                        out_dir=os.path.join(cfg.out_dir, f"seg_{dense}"),
+                                        image_size=cfg.image_size, max_images=cfg.eval_samples)
+            metrics[f"miou_{dense}"] = seg["miou"]
+            metrics[f"fg_miou_{dense}"] = seg["fg_miou"]
+    clip.train(was_training)
+    return metrics
+
+
+# -----------------------------------------------------------------------------------------------
+# main: the loop
+# -----------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = resolve_method_defaults(parse_args(sys.argv[1:] if argv is None else argv))
+    rank, world, local_rank, device = setup_distributed(cfg)
+    master = rank == 0
+    if cfg.batch_size % (world * cfg.grad_accum) != 0:
+        sys.exit(f"error: batch_size {cfg.batch_size} must be divisible by world_size x grad_accum "
+                 f"= {world} x {cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if master:
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        print(f"world size {world}, device {device}, micro-batch per rank {micro}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for any float32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    autocast_ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+
+    # --- data ---
+    from data import build_train_data
+    dataset, collate_fn, tokenizer, clip_cfg = build_train_data(cfg)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # tar shards: the dataset itself splits shards over ranks and workers
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro, collate_fn=collate_fn,
+                                             num_workers=cfg.num_workers, drop_last=True)
+    else:
+        start = ckpt["step"] if ckpt is not None else 0
+        sampler = StepSampler(len(dataset), cfg.batch_size, world, rank, cfg.grad_accum, cfg.seed, start)
+        loader = torch.utils.data.DataLoader(SeededSample(dataset, cfg.seed), batch_sampler=sampler,
+                                             collate_fn=collate_fn, num_workers=cfg.num_workers,
+                                             persistent_workers=cfg.num_workers > 0,
+                                             prefetch_factor=4 if cfg.num_workers > 0 else None)
+
+    # --- model (same seed on every rank; DDP broadcasts rank 0's weights anyway) ---
+    torch.manual_seed(cfg.seed)
+    pretrainer = Pretrainer(cfg, clip_cfg)
+    if cfg.init_from:
+        from pretrained import load_pretrained_into
+        load_pretrained_into(pretrainer.clip, cfg.init_from)
+    pretrainer.to(device)
+    optimizer = make_optimizer(pretrainer, cfg, device)
+    use_teacher = pretrainer.use_sd or pretrainer.use_mask
+    teacher = None
+    if use_teacher:
+        from ema import make_teacher
+        teacher = make_teacher(pretrainer.image_student())                     # deep copy, no grad
+    start_step = 0
+    if ckpt is not None:
+        pretrainer.clip.load_state_dict(ckpt["model"])
+        pretrainer.load_state_dict(ckpt["extra"], strict=False)
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        if master:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+    torch.manual_seed(cfg.seed + rank)   # per-rank stream for anything random from here on
+    model = pretrainer
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        # find_unused_parameters: heads sit idle until self-distillation switches on (sd_start > 0)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=cfg.sd_start > 0)
+    student_image = pretrainer.image_student()   # raw modules: what the EMA reads
+    sd_start_step = int(cfg.sd_start * cfg.steps)
+
+    # --- the loop ---
+    from ema import ema_update
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    pbar = None
+    if master:
+        from tqdm import tqdm
+        pbar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True)
+    data_iter = iter(loader)
+    t_last, samples_since = time.time(), 0
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        distill = use_teacher and step >= sd_start_step
+        if distill and step == sd_start_step and sd_start_step > 0:
+            ema_update(teacher, student_image, 0.0)   # SigLIP 2: teacher starts as a copy of the student
+        t_temp = teacher_temp_at(step, cfg, sd_start_step)
+        terms = {}
+        for a in range(cfg.grad_accum):
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                     for k, v in next(data_iter).items()}
+            if pretrainer.use_mask:
+                add_masks(batch, cfg, pretrainer.clip.config, step, a * world + rank, world * cfg.grad_accum)
+            with autocast_ctx:
+                t_out = teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask) if distill else None
+            sync = a == cfg.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast_ctx:
+                    out = model(batch, t_out, t_temp)
+                (out["loss"] / cfg.grad_accum).backward()
+            for k, v in out.items():
+                terms[k] = terms.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        # a non-finite loss on any rank stops every rank, before the bad update is applied
+        bad = torch.tensor(float(not torch.isfinite(terms["loss"])), device=device)
+        if world > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            if master:
+                print(f"\nerror: non-finite loss at step {step} ({ {k: float(v) for k, v in terms.items()} }). "
+                      f"Stopping; the last good checkpoint is {ckpt_path}")
+            cleanup(world)
+            sys.exit(1)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), cfg.grad_clip)
+        if pretrainer.use_sd and step < cfg.freeze_last_layer_steps:
+            pretrainer.head.last_layer.weight.grad = None   # DINO: cancel the last layer's gradient
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pretrainer.clip.clamp_logit_scale()                 # exp(scale) <= 100, as CLIP
+        if distill:
+            ema_update(teacher, student_image, momentum_at(step, cfg, sd_start_step))
+
+        # --- logging (rank 0) ---
+        samples_since += cfg.batch_size
+        if (step + 1) % cfg.log_interval == 0 or step == cfg.steps - 1:
+            if world > 1:
+                for v in terms.values():
+                    dist.all_reduce(v)
+                terms = {k: v / world for k, v in terms.items()}
+            dt = time.time() - t_last
+            rec = {"step": step + 1, "lr": lr, "samples_per_s": samples_since / dt,
+                   "logit_scale": pretrainer.clip.logit_scale.exp().item(),
+                   **{k: round(float(v), 6) for k, v in terms.items()}}
+            if distill:
+                rec.update(teacher_temp=t_temp, momentum=momentum_at(step, cfg, sd_start_step))
+                if pretrainer.use_sd:
+                    rec["teacher_entropy"] = teacher_entropy(t_out["global"], pretrainer.l2g_loss.center, t_temp)
+            t_last, samples_since = time.time(), 0
+            if master:
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.0f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if master:
+            pbar.update(1)
+        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps and master:
+            m = evaluate(pretrainer.clip, cfg, tokenizer, device, autocast_ctx)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step + 1, **m}) + "\n")
+            tqdm.write(f"step {step + 1}: {m}")
+        if master and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.steps):
+            save_checkpoint(ckpt_path, pretrainer, teacher, optimizer, step + 1, cfg)
+    if master:
+        pbar.close()
+    if master and cfg.eval:
+        t0 = time.time()
+        metrics = evaluate(pretrainer.clip, cfg, tokenizer, device, autocast_ctx, with_seg=cfg.eval_seg)
+        metrics["step"] = cfg.steps
+        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"final metrics ({time.time() - t0:.0f}s to evaluate):", json.dumps(metrics))
+    cleanup(world)
+
+
+def cleanup(world):
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_logits, center, temp):
+    """Mean entropy (nats) of the centred, sharpened teacher distribution: near 0 means collapse to
+    one prototype, near log K means a uniform (uninformative) teacher."""
+    t = torch.cat(teacher_logits).float()
+    p = F.softmax((t - center) / temp, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().item()
+
+
+def add_masks(batch, cfg, clip_cfg, step, chunk, n_chunks):
+    """MaskCLIP inputs for this micro-batch: the patch mask, and the MLM-corrupted caption.
+    Masks are drawn from a generator seeded by (seed, step, chunk), so they are reproducible and
+    survive a resume; different micro-batches get different masks."""
+    from losses import mlm_mask_tokens
+    from masking import block_mask, random_mask
+    src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
+    b, _, H, W = src.shape
+    gh, gw = H // clip_cfg.patch_size, W // clip_cfg.patch_size
+    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step * 4_099 + chunk) % 2**62)
+    if cfg.mask_kind == "block":
+        mask = block_mask(b, gh, gw, cfg.mask_ratio, generator=g)
+    else:
+        mask = random_mask(b, gh * gw, cfg.mask_ratio, generator=g)
+    batch["patch_mask"] = mask.to(src.device)
+    if cfg.mlm_weight > 0:
+        inputs, labels = mlm_mask_tokens(batch["tokens"].cpu(), mask_prob=cfg.mlm_prob, generator=g)
+        batch["mlm_inputs"], batch["mlm_labels"] = inputs.to(src.device), labels.to(src.device)
+
+
+if __name__ == "__main__":
+    main()
