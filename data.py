@@ -1094,29 +1094,22 @@ def build_dataset(name_or_path: str, split: str = "train", transform=None, image
     return subset(ds, n) if n else ds
 
 
-def build_train_data(cfg):
-    """train.py's data: (dataset, collate_fn, tokenizer, clip_cfg) from its Config.
+def build_train_data(cfg, patch_size: int, tokenizer):
+    """train.py's data: (dataset, collate_fn) from its Config.
 
-    The model config is made here because the crops depend on it (patch size -> local crop size)
-    and the tokenizer sets its vocabulary and context. Views: SILC methods get 2 global + n local
-    crops (scale 0.4-1 / 0.05-0.4); the others one text-paired view, a random resized crop of
-    scale 0.9-1.0 (open_clip's training crop), with the shared flip + caption swap."""
-    from clip import model_config
-    overrides = {k: getattr(cfg, k) for k in ("patch_size", "stem", "vision_width", "vision_layers",
-                                              "text_width", "text_layers", "embed_dim") if getattr(cfg, k)}
-    clip_cfg = model_config(cfg.model, image_size=cfg.image_size, vocab_size=VOCAB_SIZE,
-                            eot_token_id=EOT_ID, pad_token_id=PAD_ID, **overrides)
-    tokenizer = ByteTokenizer(clip_cfg.context_length)
+    The crops depend on the model (patch size -> local crop size) and the batches on the tokenizer,
+    so train.py builds those first. Views: SILC methods get 2 global + n local crops (scale 0.4-1 /
+    0.05-0.4); the others one text-paired view, a random resized crop of scale 0.9-1.0 (open_clip's
+    training crop), with the shared flip + caption swap."""
     if "silc" in cfg.method:
-        transform = MultiCrop(cfg.image_size, clip_cfg.patch_size, n_global=2, n_local=cfg.n_local_crops)
+        transform = MultiCrop(cfg.image_size, patch_size, n_global=2, n_local=cfg.n_local_crops)
     else:
-        transform = MultiCrop(cfg.image_size, clip_cfg.patch_size, n_global=1, n_local=0,
-                              global_scale=(0.9, 1.0))
+        transform = MultiCrop(cfg.image_size, patch_size, n_global=1, n_local=0, global_scale=(0.9, 1.0))
     sep = None if cfg.csv_separator == "auto" else cfg.csv_separator
     dataset = build_dataset(cfg.data, "train", transform, cfg.image_size, seed=cfg.seed, n=cfg.subset,
                             csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
                             csv_sep=sep, repeat=True)
-    return dataset, functools.partial(collate, tokenizer=tokenizer), tokenizer, clip_cfg
+    return dataset, functools.partial(collate, tokenizer=tokenizer)
 
 
 if __name__ == "__main__":

@@ -820,10 +820,11 @@ def _panel(array, height, nearest):
     return im.resize((width, height), Image.NEAREST if nearest else Image.BILINEAR)
 
 
-def save_prediction_grid(rows, class_names, path, background_index=None, panel_height=192):
-    """rows: list of (image uint8 [3,H,W], truth [H,W], prediction [H,W]). Writes a PNG: one row per
-    image (image | ground truth | prediction) and a colour legend of the classes that appear."""
-    palette = class_palette(len(class_names), background_index)
+def save_prediction_grid(rows, names, path, background_index=None, panel_height=192):
+    """rows: list of (image uint8 [3,H,W], truth [H,W], prediction [H,W]); names: one display name per
+    class. Writes a PNG: one row per image (image | ground truth | prediction) and a colour legend
+    of the classes that appear."""
+    palette = class_palette(len(names), background_index)
     font = ImageFont.load_default()
     panels = []
     for image, truth, pred in rows:
@@ -835,7 +836,7 @@ def save_prediction_grid(rows, class_names, path, background_index=None, panel_h
     width = sum(col_w) + 4 * gap
     present = sorted(set(np.unique(np.concatenate([np.ravel(t) for _, t, p in rows] +
                                                   [np.ravel(p) for _, t, p in rows])).tolist()))
-    entries = [(class_names[c][0], tuple(int(v) for v in palette[c])) for c in present if c != IGNORE_INDEX]
+    entries = [(names[c], tuple(int(v) for v in palette[c])) for c in present if c != IGNORE_INDEX]
     if IGNORE_INDEX in present:
         entries.append(("ignore", (255, 255, 255)))
     entry_w = 150
@@ -923,7 +924,9 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     if bg is not None and not settings["bg_prompts"] and settings["prob_thresh"] <= 0:
         raise ValueError("the dataset has a background class but neither bg_prompts nor prob_thresh > 0 "
                          "is set: background could never be predicted")
-    text_names = [[] if (c == bg and not settings["bg_prompts"]) else names for c, names in enumerate(class_names)]
+    # Without background prompts the background class gets no text query (only the threshold).
+    text_names = [[] if (c == bg and not settings["bg_prompts"]) else names
+                  for c, names in enumerate(class_names)]
 
     was_training = model.training
     model.eval()
@@ -947,8 +950,8 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
             raw = torch.stack([it["image"] for it in group])             # [b, 3, H, W]
             truth = torch.stack([it["mask"] for it in group])            # [b, H, W]
             images = preprocess(raw.to(device), settings["short_side"] or None)  # [b, 3, H', W']
-            pred = segment(model, images, text_weights, query_class, C, dense=dense, crop=settings["crop"] or None,
-                           stride=settings["stride"], out_size=truth.shape[-2:],
+            pred = segment(model, images, text_weights, query_class, C, dense=dense,
+                           crop=settings["crop"] or None, stride=settings["stride"], out_size=truth.shape[-2:],
                            logit_scale=settings["logit_scale"], prob_thresh=settings["prob_thresh"],
                            background_index=bg).cpu()                    # [b, H, W]
             conf.update(pred, truth)
@@ -967,16 +970,21 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     def pct(v):                                        # fraction -> percent; NaN (no union) -> None
         return None if v is None or math.isnan(v) else round(100 * v, 4)
 
-    firsts = [names[0] for names in class_names]
-    keys = firsts if len(set(firsts)) == C else [f"{c}:{name}" for c, name in enumerate(firsts)]
+    # Display names: each class's first name, "background" for the background class (VOC21's
+    # background prompts start with "sky"), made unique if a class list repeats a name.
+    display = [names[0] for names in class_names]
+    if bg is not None:
+        display[bg] = "background"
+    if len(set(display)) < C:
+        display = [f"{c}:{name}" for c, name in enumerate(display)]
     result = {"dataset": dataset.name, "num_images": n, "miou": pct(m["miou"]),
               "fg_miou": pct(m["fg_miou"]) if bg is not None else None,
               "pixel_acc": pct(m["pixel_acc"]),
-              "per_class_iou": {key: pct(v) for key, v in zip(keys, m["iou"])},
+              "per_class_iou": {name: pct(v) for name, v in zip(display, m["iou"])},
               "seconds": round(time.time() - t0, 2), "settings": settings}
     if out_dir is not None:
         if pictures:
-            save_prediction_grid(pictures, class_names, os.path.join(out_dir, "seg_grid.png"), bg)
+            save_prediction_grid(pictures, display, os.path.join(out_dir, "seg_grid.png"), bg)
         with open(os.path.join(out_dir, "seg_metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
@@ -994,31 +1002,49 @@ def _whole_image_features(model, images, dense):
 # Checkpoints and the command line
 # -----------------------------------------------------------------------------------------------
 
-def load_model_from_checkpoint(path, device="cpu"):
-    """A train.py checkpoint -> (model in eval mode on device, tokenizer).
+def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gelu"):
+    """A checkpoint -> (model in eval mode on device, tokenizer).
 
-    Expects torch.load(path) = {"model": CLIP state_dict, "model_config": dict of CLIPConfig fields}.
-    The tokenizer is the byte tokenizer the model was trained with. (Public CLIP checkpoints, with
-    their BPE tokenizer, are to be added here.)
+    Two kinds of file:
+    * a train.py checkpoint, {"model": CLIP state_dict, "model_config": dict of CLIPConfig fields}
+      (also a converted public model saved by pretrained.save_converted): the tokenizer is the one the
+      model was trained with (byte-level, unless the config has CLIP's BPE vocabulary);
+    * a public CLIP checkpoint (OpenAI .pt / TorchScript, open_clip .bin): converted by pretrained.py;
+      its BPE tokenizer reads `bpe_path` (bpe_simple_vocab_16e6.txt.gz). `act`: quick_gelu for the
+      OpenAI weights, gelu for open_clip models without "-quickgelu" in their name.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        keys = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a dict with 'model' (state dict) and 'model_config' "
-                         f"(CLIPConfig fields), found {keys}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:          # a TorchScript archive (OpenAI's .pt files) is not a pickled dict
+        ckpt = None
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):
+        from pretrained import load_pretrained
+        model, tokenizer = load_pretrained(path, merges_path=bpe_path, act=act)
+        return model.to(device).eval(), tokenizer
     config = CLIPConfig(**ckpt["model_config"])
+    if config.vocab_size == ByteTokenizer().vocab_size:
+        tokenizer = ByteTokenizer(context_length=config.context_length)
+    else:                      # fine-tuned from a public CLIP (train.py --init_from): CLIP's BPE
+        from pretrained import BPETokenizer
+        if not bpe_path:
+            raise ValueError(f"{path} uses CLIP's BPE vocabulary: pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
+        tokenizer = BPETokenizer(bpe_path, context_length=config.context_length)
     model = CLIP(config)
     # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(state)
-    return model.to(device).eval(), ByteTokenizer(context_length=config.context_length)
+    return model.to(device).eval(), tokenizer
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Zero-shot semantic segmentation with a CLIP checkpoint.")
-    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    ap.add_argument("--ckpt", required=True, help="a train.py checkpoint, or a public CLIP checkpoint "
+                    "(OpenAI .pt, open_clip .bin; then also --bpe_path)")
+    ap.add_argument("--bpe_path", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz (public checkpoints)")
+    ap.add_argument("--act", default="quick_gelu", choices=("quick_gelu", "gelu"),
+                    help="activation of a public checkpoint: quick_gelu (OpenAI) or gelu (most open_clip)")
     ap.add_argument("--dataset", default="shapes", choices=sorted(DATASET_DEFAULTS))
     ap.add_argument("--root", default=None, help="dataset folder (not needed for shapes)")
     ap.add_argument("--split", default="val", help="shapes split (val | tune | val_single | ...)")
@@ -1041,7 +1067,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer = load_model_from_checkpoint(args.ckpt, device)
+    model, tokenizer = load_model_from_checkpoint(args.ckpt, device, bpe_path=args.bpe_path, act=args.act)
     if args.dataset == "shapes":
         size = args.size or model.config.image_size
         dataset = load_dataset("shapes", split=args.split, size=size, seed=args.seed)

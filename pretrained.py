@@ -40,7 +40,7 @@ download code: the user fetches the files, we read them from a local path.
    The architecture is read off the tensor shapes, as OpenAI's build_model does: vision width and
    patch size from conv1, grid (hence image size) from the position embedding, layer counts from the
    block indices, text width / context / vocabulary from the text embeddings, the joint dimension from
-   text_projection; heads = width / 64 (true of every OpenAI and open_clip ViT; overridable).
+   text_projection; heads = width / 64 (OpenAI's ViTs and open_clip's standard configs; overridable).
    Two things are NOT in the weights:
    * the activation. OpenAI trained with QuickGELU, x * sigmoid(1.702 x); open_clip's plain configs
      (e.g. its LAION ViT-B-32 weights) use exact GELU, its "-quickgelu" configs QuickGELU. Default
@@ -57,7 +57,9 @@ download code: the user fetches the files, we read them from a local path.
    pair remains. A word's last symbol carries "</w>", so "cat" as a whole word and "cat" inside
    "category" are different tokens. Vocabulary: 256 byte symbols + the same 256 with "</w>" + 48,894
    merges + <|startoftext|> (49406) + <|endoftext|> (49407) = 49,408. A caption becomes
-   [SOT] tokens... [EOT] 0 0 ... (77 ids; padding id 0; truncation keeps EOT last).
+   [SOT] tokens... [EOT] 0 0 ... (77 ids; padding id 0; truncation keeps EOT last, as open_clip
+   does; OpenAI's tokenizer raises instead). open_clip spells the special tokens <start_of_text> and
+   <end_of_text>: same ids, but typed literally in a caption only OpenAI's spelling is recognised here.
    The byte tokenizer in data.py stays the default for training from scratch.
 
    Differences from the original, by design (standard library only):
@@ -144,8 +146,9 @@ def read_state_dict(path: str) -> dict:
     """Read a checkpoint file into a flat {name: tensor} dict, whatever the container.
 
     TorchScript archive (OpenAI's .pt files) -> torch.jit.load(...).state_dict(); anything else goes
-    through torch.load(weights_only=True) (plain state dicts, open_clip training checkpoints with a
-    "state_dict" entry and "module." prefixes, our {"model", "model_config"} files: returned as is).
+    through torch.load(weights_only=True): plain state dicts (open_clip_pytorch_model.bin), open_clip
+    training checkpoints (a "state_dict" entry, "module." prefixes), and our {"model", "model_config"}
+    files, which are returned whole. safetensors files are not read (use the .bin).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r} (download it yourself: this code never does)")
@@ -165,8 +168,9 @@ def read_state_dict(path: str) -> dict:
         obj = obj["state_dict"]
     out = {}
     for k, v in obj.items():
-        while k.startswith("module."):                 # saved from a DistributedDataParallel wrapper
-            k = k[len("module."):]
+        # saved from a DistributedDataParallel ("module.") or torch.compile ("_orig_mod.") wrapper
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 
@@ -255,6 +259,9 @@ def convert_state_dict(sd: dict, act: str = "quick_gelu", vision_heads: int | No
         config = CLIPConfig(**sd["model_config"])
         check_state_dict(config, sd["model"])
         return config, dict(sd["model"])
+    if "visual.stem.weight" in sd:
+        raise ValueError("this is a bare clip.py state dict: its config is not recorded; save models with "
+                         "save_converted(path, config, state_dict) (train.py checkpoints already are fine)")
     sd = _to_openai_names({k: v for k, v in sd.items() if k not in IGNORED})
     config = _infer_config(sd, act, vision_heads, text_heads, eot_token_id)
 
@@ -278,7 +285,7 @@ def convert_state_dict(sd: dict, act: str = "quick_gelu", vision_heads: int | No
 
 
 def model_from_state_dict(config: CLIPConfig, sd: dict) -> CLIP:
-    """A CLIP holding exactly these tensors (training mode, as nn.Modules start).
+    """A CLIP that holds these very tensors (shared, not copied), in training mode.
 
     Built on the meta device, then the tensors are adopted (assign=True): a random initialisation
     that would be overwritten anyway costs ~10 s for ViT-L/14 on a CPU.
@@ -414,10 +421,13 @@ def split_words(text: str) -> list[str]:
         if kind == " ":
             i += 1
             continue
-        special = next((s for s in SPECIAL_TOKENS if text.startswith(s, i)), None)
-        # casefold per character: the regex module's IGNORECASE also matches "'S" (and "'ſ").
-        contraction = next((c for c in CONTRACTIONS
-                            if all(text[i + j: i + j + 1].casefold() == c[j] for j in range(len(c)))), None)
+        special = contraction = None
+        if text[i] == "<":
+            special = next((s for s in SPECIAL_TOKENS if text.startswith(s, i)), None)
+        elif text[i] == "'":
+            # casefold per character: the regex module's IGNORECASE also matches "'S" (and "'ſ").
+            contraction = next((c for c in CONTRACTIONS
+                                if all(text[i + j: i + j + 1].casefold() == c[j] for j in range(1, len(c)))), None)
         if special or contraction:
             j = i + len(special or contraction)
         elif kind == "N":

@@ -64,6 +64,8 @@ class Config:
     compile: bool = False           # wrap the model in torch.compile
     resume: bool = False            # continue from out_dir/ckpt.pt
     init_from: str = ""             # a public CLIP checkpoint (OpenAI / open_clip file) to start from
+    bpe_path: str = ""              # CLIP's bpe_simple_vocab_16e6.txt.gz (needed with init_from)
+    init_act: str = "quick_gelu"    # activation of the init_from checkpoint: quick_gelu (OpenAI) | gelu
     # --- data ---
     data: str = "shapes"            # "shapes" | a .csv/.tsv file | a folder or {a..b} pattern of .tar shards
     subset: float = 0.0             # 0 = all; 0 < x < 1: that fraction; x >= 1: the first int(x) samples
@@ -83,6 +85,8 @@ class Config:
     embed_dim: int = 0
     # --- optimisation ---
     steps: int = 1500
+    stop_at: int = 0                # stop (after a checkpoint) at this step; 0 = run to `steps`.
+                                    # The schedules still span `steps`: for time-sliced jobs and tests.
     batch_size: int = 128           # global batch per optimizer step (all ranks x accumulation)
     grad_accum: int = 1
     lr: float = 2e-3
@@ -122,7 +126,8 @@ class Config:
     ckpt_interval: int = 500
     eval: bool = True               # evaluate at the end (classification, retrieval, segmentation)
     eval_seg: bool = True           # include zero-shot segmentation (eval_seg.py)
-    eval_samples: int = 500         # size of the val splits used during/after training
+    eval_samples: int = 512         # images of each val split used during/after training
+    eval_split: str = "val"         # val | tune: choose hyper-parameters on "tune", report "val" once
 
 
 METHODS = ("clip", "silc", "maskclip", "silc+maskclip")
@@ -216,6 +221,35 @@ def unwrap(model):
 
 
 # -----------------------------------------------------------------------------------------------
+# Model config and tokenizer: a named size (clip.MODEL_SIZES) with the byte-level tokenizer when
+# training from scratch, or the architecture and BPE tokenizer of a public checkpoint (--init_from).
+# -----------------------------------------------------------------------------------------------
+def build_model_config(cfg):
+    from clip import model_config
+    sigmoid = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0) if cfg.loss == "sigmoid" else {}
+    if cfg.init_from:
+        from pretrained import BPETokenizer, convert_state_dict, read_state_dict
+        if not os.path.exists(cfg.init_from):
+            sys.exit(f"error: --init_from file {cfg.init_from!r} does not exist")
+        if not cfg.bpe_path or not os.path.exists(cfg.bpe_path):
+            sys.exit("error: --init_from needs --bpe_path=.../bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges), "
+                     f"got {cfg.bpe_path!r}")
+        ckpt_cfg, _ = convert_state_dict(read_state_dict(cfg.init_from), act=cfg.init_act)
+        clip_cfg = dataclasses.replace(ckpt_cfg, image_size=cfg.image_size, **sigmoid)
+        return clip_cfg, BPETokenizer(cfg.bpe_path, context_length=clip_cfg.context_length)
+    from data import EOT_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+    overrides = {k: getattr(cfg, k) for k in ("patch_size", "stem", "vision_width", "vision_layers",
+                                              "text_width", "text_layers", "embed_dim") if getattr(cfg, k)}
+    try:
+        clip_cfg = model_config(cfg.model, image_size=cfg.image_size, vocab_size=VOCAB_SIZE,
+                                eot_token_id=EOT_ID, pad_token_id=PAD_ID,
+                                context_length=64, **overrides, **sigmoid)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return clip_cfg, ByteTokenizer(clip_cfg.context_length)
+
+
+# -----------------------------------------------------------------------------------------------
 # Data order: a step-indexed sampler, so that a run is reproducible, resumable at any step, and
 # identical on 1 or N processes. Global step t reads positions [t*B, (t+1)*B) of an endless stream
 # made of per-epoch permutations of the dataset; rank r of W, accumulation micro-step a, takes the
@@ -286,6 +320,9 @@ class Pretrainer(nn.Module):
         self.use_sd = "silc" in cfg.method
         self.use_mask = "maskclip" in cfg.method
         self.clip = CLIP(clip_cfg)
+        if not self.use_mask:
+            # The ViT's mask token only serves masked inputs; frozen, DDP does not wait for its gradient.
+            self.clip.visual.mask_token.requires_grad_(False)
         D = clip_cfg.vision_width
         if self.use_sd:
             # SILC: the DINO head on the class token of every crop (sizes: see Config)
@@ -493,7 +530,7 @@ def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
     clip.eval()
     metrics = {}
     # --- retrieval + val loss on the multi-object val split ---
-    val = ShapesDataset("val", size=cfg.image_size, length=cfg.eval_samples, seed=0)
+    val = ShapesDataset(cfg.eval_split, size=cfg.image_size, length=cfg.eval_samples, seed=0)
     imgs, txts, caps, losses = [], [], [], []
     for i in range(0, len(val), 250):
         batch = collate([val[j] for j in range(i, min(i + 250, len(val)))], tokenizer)
@@ -512,7 +549,7 @@ def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
     i2t, t2i = recall_at_k(sim, same), recall_at_k(sim.T, same)
     metrics.update(val_loss=float(np.mean(losses)), i2t_r1=i2t[1], i2t_r5=i2t[5], t2i_r1=t2i[1], t2i_r5=t2i[5])
     # --- zero-shot classification on single-object images ---
-    single = ShapesDataset("val_single", size=cfg.image_size, length=cfg.eval_samples, seed=0)
+    single = ShapesDataset(cfg.eval_split + "_single", size=cfg.image_size, length=cfg.eval_samples, seed=0)
     names = [[n] for n in single.class_names]
     classifier = build_text_classifier(clip, tokenizer, names, SHAPES_TEMPLATES, device=device)
     correct = 0
@@ -525,9 +562,10 @@ def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
     metrics["zeroshot_acc"] = correct / len(single)
     # --- zero-shot segmentation (eval_seg.py) ---
     if with_seg:
-        from eval_seg import evaluate_segmentation
+        from eval_seg import evaluate_segmentation, load_dataset
+        seg_data = load_dataset("shapes", split=cfg.eval_split, size=cfg.image_size, length=cfg.eval_samples)
         for dense in ("naive", "maskclip"):
-            seg = evaluate_segmentation(clip, tokenizer, dataset="shapes", dense=dense, device=device,
+            seg = evaluate_segmentation(clip, tokenizer, dataset=seg_data, dense=dense, device=device,
                                         out_dir=os.path.join(cfg.out_dir, f"seg_{dense}"),
                                         image_size=cfg.image_size, max_images=cfg.eval_samples)
             metrics[f"miou_{dense}"] = seg["miou"]
@@ -560,9 +598,13 @@ def main(argv=None):
 
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
 
-    # --- data ---
+    # --- model config, tokenizer, data ---
+    clip_cfg, tokenizer = build_model_config(cfg)
     from data import build_train_data
-    dataset, collate_fn, tokenizer, clip_cfg = build_train_data(cfg)
+    try:
+        dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tokenizer)
+    except (FileNotFoundError, ValueError) as e:   # a wrong path or a bad file: say so, no traceback
+        sys.exit(f"error: {e}")
     if isinstance(dataset, torch.utils.data.IterableDataset):
         # tar shards: the dataset itself splits shards over ranks and workers
         loader = torch.utils.data.DataLoader(dataset, batch_size=micro, collate_fn=collate_fn,
@@ -633,6 +675,8 @@ def main(argv=None):
         for a in range(cfg.grad_accum):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
                      for k, v in next(data_iter).items()}
+            if not cfg.compile:
+                batch["tokens"] = trim_padding(batch["tokens"], pretrainer.clip.config.eot_token_id)
             if pretrainer.use_mask:
                 add_masks(batch, cfg, pretrainer.clip.config, step, a * world + rank, world * cfg.grad_accum)
             with autocast_ctx:
@@ -691,8 +735,15 @@ def main(argv=None):
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step + 1, **m}) + "\n")
             tqdm.write(f"step {step + 1}: {m}")
-        if master and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.steps):
+        stopping = step + 1 == cfg.stop_at
+        if master and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.steps or stopping):
             save_checkpoint(ckpt_path, pretrainer, teacher, optimizer, step + 1, cfg)
+        if stopping:
+            if master:
+                pbar.close()
+                print(f"stopped at step {step + 1} (--stop_at); continue with --resume=True")
+            cleanup(world)
+            return
     if master:
         pbar.close()
     if master and cfg.eval:
@@ -720,6 +771,26 @@ def teacher_entropy(teacher_logits, center, temp):
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().item()
 
 
+def trim_padding(tokens, eot_id):
+    """[B, L] -> [B, L'] without the columns after the last EOT of the batch. Exact, not an
+    approximation: the text tower is causal and pools at EOT, so positions after the last EOT
+    cannot change any output. Short captions in a 64-token context make this about 2x cheaper.
+    (Skipped under torch.compile, where a changing shape would recompile.)"""
+    last = int((tokens == eot_id).int().argmax(dim=1).max()) + 1
+    return tokens[:, :last]
+
+
+def mlm_token_ids(clip_cfg):
+    """(mask id, special ids) for masked language modelling. The byte tokenizer reserves a [MASK] id
+    (3). CLIP's BPE vocabulary has none, so there the start-of-text id (49406) doubles as [MASK]: it
+    never occurs inside a caption, and adding an embedding row would change the pretrained shapes."""
+    from data import MASK_ID, PAD_ID, SOT_ID
+    if clip_cfg.eot_token_id == 2:      # byte-level tokenizer (data.py)
+        return MASK_ID, (PAD_ID, SOT_ID, clip_cfg.eot_token_id)
+    sot = clip_cfg.eot_token_id - 1     # CLIP BPE: SOT 49406, EOT 49407
+    return sot, (clip_cfg.pad_token_id, sot, clip_cfg.eot_token_id)
+
+
 def add_masks(batch, cfg, clip_cfg, step, chunk, n_chunks):
     """MaskCLIP inputs for this micro-batch: the patch mask, and the MLM-corrupted caption.
     Masks are drawn from a generator seeded by (seed, step, chunk), so they are reproducible and
@@ -736,7 +807,9 @@ def add_masks(batch, cfg, clip_cfg, step, chunk, n_chunks):
         mask = random_mask(b, gh * gw, cfg.mask_ratio, generator=g)
     batch["patch_mask"] = mask.to(src.device)
     if cfg.mlm_weight > 0:
-        inputs, labels = mlm_mask_tokens(batch["tokens"].cpu(), mask_prob=cfg.mlm_prob, generator=g)
+        mask_id, special = mlm_token_ids(clip_cfg)
+        inputs, labels = mlm_mask_tokens(batch["tokens"].cpu(), mask_prob=cfg.mlm_prob, generator=g,
+                                         vocab_size=clip_cfg.vocab_size, mask_id=mask_id, special_ids=special)
         batch["mlm_inputs"], batch["mlm_labels"] = inputs.to(src.device), labels.to(src.device)
 
 

@@ -122,3 +122,112 @@ def test_step_sampler_covers_the_same_global_batch_on_any_world_size():
     s = iter(train.StepSampler(n=48, batch_size=8, world=1, rank=0, accum=1, seed=0))
     first_epoch = [i for _ in range(6) for i, e in next(s)]
     assert sorted(first_epoch) == list(range(48))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs of train.py
+# ---------------------------------------------------------------------------------------------
+def assert_same_run(a, b, atol=1e-5, params_atol=1e-5, steps=None):
+    """Two run directories: same logged losses at every step, same final parameters."""
+    la, lb = read_log(a), read_log(b)
+    if steps is not None:
+        la = [r for r in la if r["step"] in steps]
+        lb = [r for r in lb if r["step"] in steps]
+    assert [r["step"] for r in la] == [r["step"] for r in lb] and la
+    for ra, rb in zip(la, lb):
+        for k in ra:
+            if k in ("contrastive", "sd", "dist", "mlm", "loss", "logit_scale"):
+                assert ra[k] == pytest.approx(rb[k], abs=atol), (k, ra, rb)
+    ca, cb = read_params(a), read_params(b)
+    for part in ("model", "extra"):
+        assert ca[part].keys() == cb[part].keys()
+        for k in ca[part]:
+            torch.testing.assert_close(ca[part][k], cb[part][k], atol=params_atol, rtol=0, msg=f"{part}.{k}")
+    if ca["teacher"] is not None:
+        for k in ca["teacher"]:
+            torch.testing.assert_close(ca["teacher"][k], cb["teacher"][k], atol=params_atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_ddp_two_processes_equal_one_process(tmp_path, loss):
+    """torchrun --nproc_per_node=2 (gloo, CPU) on the same global batch gives the same losses and
+    parameters as one process: the local contrastive loss with gathered features is exact."""
+    args = ["--steps=3", "--batch_size=16", f"--loss={loss}"]
+    run_train(tmp_path / "one", *args)
+    run_train(tmp_path / "two", *args, nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, params_atol=2e-5)
+
+
+def test_ddp_silc_equals_one_process(tmp_path):
+    """SILC under DDP: the centre is all-reduced, the teacher follows identical students."""
+    args = ["--steps=2", "--batch_size=8", "--method=silc", "--n_local_crops=2"]
+    run_train(tmp_path / "one", *args)
+    run_train(tmp_path / "two", *args, nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, params_atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["clip", "silc", "maskclip"])
+def test_resume_is_exact(tmp_path, method):
+    """N steps, checkpoint, resume for N more == 2N uninterrupted steps (teacher and centres too)."""
+    args = ["--steps=4", "--batch_size=8", f"--method={method}", "--n_local_crops=2", "--num_workers=1"]
+    run_train(tmp_path / "full", *args)
+    run_train(tmp_path / "split", *args, "--stop_at=2")
+    assert read_params(tmp_path / "split")["step"] == 2
+    run_train(tmp_path / "split", *args, "--resume=True")
+    assert_same_run(tmp_path / "full", tmp_path / "split", atol=0, params_atol=0, steps={3, 4})
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    p = run_train(tmp_path / "nan", "--steps=6", "--batch_size=8", "--lr=1e30", "--warmup_steps=1",
+                  "--grad_clip=0", "--ckpt_interval=1", check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "non-finite loss at step" in p.stdout
+    assert "Traceback" not in p.stderr
+    step = int(p.stdout.split("non-finite loss at step ")[1].split()[0])
+    # the last checkpoint is the last good step, written before the bad one
+    assert read_params(tmp_path / "nan")["step"] == step
+
+
+@pytest.mark.parametrize("method", ["silc+maskclip"])
+def test_every_method_runs_and_logs_its_terms(tmp_path, method):
+    run_train(tmp_path / "run", "--steps=2", "--batch_size=8", f"--method={method}", "--n_local_crops=2",
+              "--mlm_weight=0.05")
+    rec = read_log(tmp_path / "run")[-1]
+    for k in ("contrastive", "sd", "dist", "mlm", "teacher_entropy"):
+        assert k in rec and rec[k] == rec[k], (k, rec)   # present and not NaN
+    # the total is the weighted sum of the terms: 1 * sd + 0.25 * dist + 0.05 * mlm
+    assert rec["loss"] == pytest.approx(rec["contrastive"] + rec["sd"] + 0.25 * rec["dist"] + 0.05 * rec["mlm"],
+                                        rel=1e-5)
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    p = run_train(tmp_path / "x", "--data=/nonexistent/shards/{000..009}.tar", "--steps=1", check=False)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "/nonexistent" in p.stderr + p.stdout
+
+
+def test_torch_compile_training_step_matches_eager():
+    """--compile wraps the Pretrainer in torch.compile: one training step (loss and every gradient)
+    must match eager on the same batch."""
+    import copy
+    from data import ShapesDataset, collate, ByteTokenizer, MultiCrop
+    cfg = train.resolve_method_defaults(train.parse_args(SMALL + ["--method=clip"]))
+    clip_cfg, tok = train.build_model_config(cfg)
+    torch.manual_seed(0)
+    eager = train.Pretrainer(cfg, clip_cfg)
+    compiled_raw = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_raw)
+    ds = ShapesDataset("tune", transform=MultiCrop(64, clip_cfg.patch_size, n_global=1, n_local=0))
+    batch = collate([ds[i] for i in range(8)], tok)
+    out_e = eager(batch)
+    out_c = compiled(batch)
+    out_e["loss"].backward()
+    out_c["loss"].backward()
+    assert out_c["loss"].item() == pytest.approx(out_e["loss"].item(), abs=1e-5)
+    ge = dict(eager.named_parameters())
+    for name, p in compiled_raw.named_parameters():
+        if p.grad is None:
+            assert ge[name].grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ge[name].grad, atol=1e-5, rtol=1e-4, msg=name)
