@@ -1077,12 +1077,14 @@ def collate(samples: list, tokenizer=None) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 def build_dataset(name_or_path: str, split: str = "train", transform=None, image_size: int = 64,
                   length: int | None = None, seed: int = 0, n: float = 0, csv_img_key: str = "filepath",
-                  csv_caption_key: str = "title", csv_sep: str | None = None, repeat: bool = False):
+                  csv_caption_key: str = "title", csv_sep: str | None = None, repeat: bool = False,
+                  colour_prob: float = 0.6):
     """"shapes" -> ShapesDataset(split); a .csv/.tsv path -> CsvDataset; a folder of .tar shards, a
     .tar file or a brace pattern -> TarShardDataset (shuffled and, with repeat=True, endless).
     `split` only applies to shapes (real data: pass a different path). n > 0 -> subset(dataset, n)."""
     if name_or_path == "shapes":
-        ds = ShapesDataset(split, size=image_size, length=length, seed=seed, transform=transform)
+        ds = ShapesDataset(split, size=image_size, length=length, seed=seed, transform=transform,
+                           colour_prob=colour_prob)
     elif name_or_path.lower().endswith((".csv", ".tsv")):
         ds = CsvDataset(name_or_path, transform, csv_img_key, csv_caption_key, csv_sep)
     else:
@@ -1108,7 +1110,7 @@ def build_train_data(cfg, patch_size: int, tokenizer):
     sep = None if cfg.csv_separator == "auto" else cfg.csv_separator
     dataset = build_dataset(cfg.data, "train", transform, cfg.image_size, seed=cfg.seed, n=cfg.subset,
                             csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
-                            csv_sep=sep, repeat=True)
+                            csv_sep=sep, repeat=True, colour_prob=cfg.shapes_colour_prob)
     return dataset, functools.partial(collate, tokenizer=tokenizer)
 
 

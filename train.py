@@ -74,6 +74,7 @@ class Config:
     csv_separator: str = "auto"     # auto: tab for .tsv, comma for .csv
     num_workers: int = 1
     image_size: int = 64
+    shapes_colour_prob: float = 0.6  # shapes data: fraction of captions that name colours
     # --- model ---
     model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
     patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it

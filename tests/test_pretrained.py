@@ -442,3 +442,47 @@ def test_tokenizer_parity_with_open_clip(open_clip):
     for caption, ids in zip(captions[:40], a[:40]):
         content = [i for i in ids.tolist() if i not in (0, 49406, 49407)]
         assert ours.decode(ids) == theirs.decode(content).strip(), caption
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --init_from: continue training a converted public checkpoint with SILC / MaskCLIP
+# ----------------------------------------------------------------------------------------------
+def run_init_from(tmp_path, ckpt_path, merges, method, image_size, extra=()):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / f"run_{method.replace('+', '_')}"
+    cmd = [sys.executable, os.path.join(root, "train.py"), f"--init_from={ckpt_path}", f"--bpe_path={merges}",
+           f"--method={method}", "--steps=2", "--batch_size=4", f"--image_size={image_size}", "--eval=False",
+           "--num_workers=0", "--n_local_crops=2", "--head_hidden=32", "--head_bottleneck=16",
+           "--head_out=64", "--log_interval=1", f"--out_dir={out}", *extra]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("method", ["silc", "maskclip"])
+def test_train_init_from_openai_state_dict(tmp_path, tiny_merges, method):
+    """A random OpenAI-named checkpoint (3x3 grid of 8-px patches) continues training at 32 px (the
+    position embedding is resized); the student starts from the checkpoint's weights."""
+    sd = random_openai_state_dict()
+    path = tmp_path / "openai_random.pt"
+    torch.save(sd, path)
+    out = run_init_from(tmp_path, path, tiny_merges, method, image_size=32)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model_config"]["vocab_size"] == TINY_VOCAB and ckpt["model_config"]["image_size"] == 32
+    # two small AdamW steps move the weights only a little from the checkpoint's
+    w0, w1 = sd["token_embedding.weight"], ckpt["model"]["text.token_embedding.weight"]
+    assert (w1 - w0).abs().max() < 0.01 and (w1 - w0).abs().max() > 0
+    assert ckpt["teacher"] is not None
+
+
+def test_train_init_from_open_clip(open_clip, tmp_path):
+    """A randomly initialised open_clip model, saved as its state dict, continues with SILC."""
+    model = tiny_open_clip(open_clip, quick_gelu=True)
+    path = tmp_path / "open_clip_random.bin"
+    torch.save(model.state_dict(), path)
+    out = run_init_from(tmp_path, path, open_clip.tokenizer.default_bpe(), "silc", image_size=32)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_config"]["eot_token_id"] == 49407

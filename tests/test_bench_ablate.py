@@ -1,0 +1,211 @@
+"""Tests of bench.py and ablate.py: their arithmetic and bookkeeping, never their timings.
+
+The FLOP count of bench.step_flops is checked against torch's own FlopCounterMode on a real
+forward of train.py's Pretrainer and teacher (an independent count of every matmul and
+convolution); the rest against hand-worked numbers and small fake runs.
+"""
+import json
+import math
+import os
+import statistics
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ablate  # noqa: E402
+import bench  # noqa: E402
+import train  # noqa: E402
+
+SMALL = dict(batch_size=4, vision_width=32, vision_layers=1, text_width=32, text_layers=1, embed_dim=32,
+             head_hidden=32, head_bottleneck=16, head_out=64, n_local_crops=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+# ---------------------------------------------------------------------------------------------
+def test_dino_head_flops_by_hand():
+    # 3 layers: 10->20, 20->20, 20->5, then 5->7 prototypes: 2 * (200 + 400 + 100 + 35)
+    assert bench.dino_head_flops(10, 20, 5, 7) == 2 * (200 + 400 + 100 + 35)
+    assert bench.dino_head_flops(10, 20, 5, 7, nlayers=1) == 2 * (50 + 35)
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_step_flops_match_torch_flop_counter(method):
+    """Forward FLOPs of the student and the teacher, counted by torch (math attention, so that
+    the attention matmuls are visible to the counter), equal step_flops' formula; the backward
+    costs about twice the forward, which is the x3 of F_step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ema import make_teacher
+    cfg = train.resolve_method_defaults(train.Config(method=method, **SMALL))
+    clip_cfg, tokenizer = train.build_model_config(cfg)
+    batch = bench.make_batches(cfg, clip_cfg, tokenizer, 1, torch.device("cpu"), trim=True)[0]
+    torch.manual_seed(0)
+    pt = train.Pretrainer(cfg, clip_cfg)
+    teacher = make_teacher(pt.image_student()) if (pt.use_sd or pt.use_mask) else None
+    local = batch["local_crops"].shape[-1] if "local_crops" in batch else 0
+    n_masked = int(batch["patch_mask"][0].sum()) if "patch_mask" in batch else 0
+    fl = bench.step_flops(cfg, clip_cfg, batch["tokens"].shape[1], local, n_masked)
+
+    def counted(fn):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            out = fn()
+        return fc.get_total_flops(), out
+
+    t_flops, t_out = counted(lambda: train.teacher_forward(teacher, batch, pt.use_sd, pt.use_mask)
+                             if teacher is not None else None)
+    s_flops, out = counted(lambda: pt(batch, t_out, 0.07))
+    b_flops, _ = counted(lambda: out["loss"].backward())
+    B = cfg.batch_size
+    assert t_flops == B * fl["teacher"]
+    # the counter also sees the B x B logits of the contrastive loss, which step_flops leaves out
+    assert s_flops == pytest.approx(B * fl["student"], rel=1e-3)
+    assert s_flops > B * fl["student"]
+    assert 1.9 < b_flops / s_flops <= 2.0
+    assert fl["step"] == B * (3 * fl["student"] + fl["teacher"])
+
+
+def test_step_flops_parts_by_hand():
+    """silc: 2 global + n local image forwards, (2 + n) head tokens; teacher 2 globals + 2 heads."""
+    from clip import flops_per_image, flops_per_text
+    cfg = train.resolve_method_defaults(train.Config(method="silc", **SMALL))
+    clip_cfg, _ = train.build_model_config(cfg)
+    fl = bench.step_flops(cfg, clip_cfg, text_len=20, local_size=28)
+    head = bench.dino_head_flops(32, 32, 16, 64)
+    p = fl["student_parts"]
+    assert p["image_global"] == 2 * flops_per_image(clip_cfg, 64)
+    assert p["image_local"] == 2 * flops_per_image(clip_cfg, 28)
+    assert p["sd_head"] == 4 * head
+    # text at 20 tokens, 1 layer of width 32 (MLP 128), projection 32 -> 32
+    assert p["text"] == 2 * 20 * (4 * 32 * 32 + 2 * 32 * 128) + 4 * 20 * 20 * 32 + 2 * 32 * 32
+    assert p["text"] < flops_per_text(clip_cfg)                          # the full 64-token context
+    assert fl["teacher"] == 2 * flops_per_image(clip_cfg, 64) + 2 * head
+
+
+def test_mfu_and_peaks():
+    assert bench.mfu(2e12, 0.5, 8e12) == pytest.approx(0.5)      # 4 TFLOP/s achieved of 8
+    assert bench.mfu(1e12, 1.0, None) is None
+    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.gpu_peak_tflops("NVIDIA H200") == 989.0
+    assert bench.gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.gpu_peak_tflops("Some Other GPU") is None
+
+
+def test_scaling_note_by_hand():
+    rows = bench.scaling_note(1000.0, epochs=[2], gpus=[8])
+    cc3m = next(r for r in rows if r["dataset"] == "CC3M")
+    assert cc3m["hours"] == pytest.approx(3.3e6 * 2 / 8000 / 3600)   # 0.229 h
+    assert {r["dataset"] for r in rows} == {"CC3M", "CC12M"}
+
+
+def test_format_table_rows():
+    row = dict(size="tiny", method="silc", mode="eager", batch_size=8, step_s=0.25, samples_per_s=32.0,
+               peak_mem_mib=100.0, flops_per_step=5e9, mfu=0.125, params=2e6)
+    text = bench.format_table([row, dict(size="B/16", method="clip", mode="compiled", batch_size=8,
+                                         error="OOM")])
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert "250.0" in lines[1] and "12.5" in lines[1] and "5.00" in lines[1]
+    assert "OOM" in lines[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# ablate.py
+# ---------------------------------------------------------------------------------------------
+def test_aggregate_against_statistics():
+    vals = [10.0, 12.5, 17.0]
+    a = ablate.aggregate(vals + [None, float("nan")])
+    assert a["n"] == 3
+    assert a["mean"] == pytest.approx(13.1666667)
+    assert a["std"] == pytest.approx(math.sqrt(((10 - 13.1666667) ** 2 + (12.5 - 13.1666667) ** 2
+                                                + (17 - 13.1666667) ** 2) / 2))
+    assert (a["min"], a["max"]) == (10.0, 17.0)
+    assert ablate.aggregate([4.0])["std"] == 0.0
+    assert ablate.aggregate([])["n"] == 0
+
+
+def test_sec_per_step_and_equal_time():
+    recs = [{"samples_per_s": 8.0}, {"samples_per_s": 64.0}, {"samples_per_s": 32.0}, {"samples_per_s": 16.0}]
+    # batch 32: the first record is dropped; 32/64, 32/32, 32/16 -> median 1.0 s/step
+    assert ablate.sec_per_step(recs, 32) == pytest.approx(1.0)
+    assert ablate.sec_per_step(recs[:2], 32) == pytest.approx(statistics.median([4.0, 0.5]))
+    assert ablate.sec_per_step([], 32) is None
+    # silc takes 2.5x as long per step: clip gets 2.5x the steps
+    assert ablate.equal_time_steps(1000, [0.1, 0.1], [0.25, 0.25]) == 2500
+    assert ablate.equal_time_steps(1000, [], [0.2]) is None
+
+
+def test_batch_size_of_and_extra_checks():
+    assert ablate.batch_size_of(["x", "--batch_size=16", "--batch_size=32"]) == 32
+    assert ablate.batch_size_of(["x"]) == train.Config.batch_size
+    ablate.check_extra(["--lr=1e-3"])
+    for bad in (["--seed=1"], ["--out_dir=x"], ["lr=1"], ["--eval=False"]):
+        with pytest.raises(ValueError):
+            ablate.check_extra(bad)
+
+
+def test_markdown_table_cells():
+    summary = ablate.summarize({"clip": [{"miou_naive": 10.0}, {"miou_naive": 14.0}]}, keys=("miou_naive",))
+    md = ablate.markdown_table(summary, keys=("miou_naive",), steps={"clip": 100})
+    lines = md.splitlines()
+    assert lines[0] == "| method | steps | seeds | mIoU naive |"
+    std = math.sqrt(8.0)                                      # (2^2 + 2^2) / (2 - 1)
+    assert lines[2] == f"| clip | 100 | 2 | 12.0 ± {std:.1f} [10.0–14.0] |"
+
+
+def test_chart_draws_bar_and_whisker():
+    summary = {"clip": {"miou_naive": {"mean": 50.0, "std": 1.0, "min": 40.0, "max": 60.0, "n": 3}}}
+    img = ablate.draw_chart(summary, None, keys=("miou_naive",))
+    # layout (see draw_chart): y axis 0..70 (60 * 1.05 rounded up to 10), plot from y=60 to 360,
+    # the bar from x=65 to 83, its whisker at x=74
+    y_of = lambda v: 60 + 300 * (1 - v / 70)                  # noqa: E731
+    assert img.getpixel((67, int(y_of(25)))) == ablate.PALETTE[0]      # inside the bar
+    assert img.getpixel((67, int(y_of(56)))) != ablate.PALETTE[0]      # above the mean
+    assert img.getpixel((74, int(y_of(56)))) == (0, 0, 0)              # the whisker up to the max
+    assert img.getpixel((74, int(y_of(64)))) != (0, 0, 0)              # nothing above the max
+
+
+def _fake_run(root, label, seed, metrics, sps):
+    d = ablate.run_dir(root, label, seed)
+    os.makedirs(d)
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        json.dump(dict(metrics, step=10), f)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for s in sps:
+            f.write(json.dumps({"step": 1, "samples_per_s": s, "loss": 1.0}) + "\n")
+
+
+def test_report_from_existing_runs(tmp_path):
+    root = str(tmp_path)
+    for seed, (mi, acc) in enumerate([(10.0, 0.5), (12.0, 0.7)]):
+        _fake_run(root, "clip", seed, {"miou_naive": mi, "zeroshot_acc": acc}, [128.0])
+        _fake_run(root, "silc", seed, {"miou_naive": mi + 5, "zeroshot_acc": acc}, [64.0])
+    summary = ablate.main(["--report_only", "--methods=clip,silc", "--seeds=0,1", f"--out_root={root}",
+                           "--steps=10", "--equal_time"])
+    assert summary["clip"]["miou_naive"]["mean"] == pytest.approx(11.0)
+    assert summary["silc"]["miou_naive"]["min"] == pytest.approx(15.0)
+    assert summary["clip"]["zeroshot_acc"]["mean"] == pytest.approx(60.0)      # in percent
+    assert summary["clip"]["sec_per_step"]["mean"] == pytest.approx(128 / 128.0)  # default batch 128
+    for ext in ("md", "png", "json"):
+        assert os.path.exists(os.path.join(root, f"ablation.{ext}"))
+    with open(os.path.join(root, "equal_time.json")) as f:
+        assert json.load(f)["clip_steps"] == 20                                # silc is 2x slower
+
+
+def test_launch_skips_and_records(tmp_path):
+    out = str(tmp_path / "run")
+    # a stand-in for train.py that writes a metrics.json
+    cmd = [sys.executable, "-c", f"import json, os; json.dump({{'step': 1}}, open(os.path.join({out!r}, "
+                                 f"'metrics.json'), 'w'))"]
+    assert ablate.launch(cmd, out) == "ok"
+    with open(os.path.join(out, "ablate_run.json")) as f:
+        info = json.load(f)
+    assert info["returncode"] == 0 and info["wall_s"] > 0
+    assert ablate.launch(cmd, out) == "skipped"
+    assert ablate.launch([sys.executable, "-c", "raise SystemExit(3)"], out, force=True) == "failed"
