@@ -255,7 +255,6 @@ def time_steps(step_fn, batches, warmup, steps, device):
 def make_train_step(cfg, pretrainer, model, teacher, optimizer, autocast_ctx):
     """One optimizer step of train.py's loop (teacher forward, student forward, backward, clip,
     AdamW, clamp, EMA), as a function of the batch."""
-    from ema import ema_update
     use_teacher = teacher is not None
     t_temp = train.teacher_temp_at(0, cfg, 0)
     momentum = train.momentum_at(0, cfg, 0)
@@ -267,13 +266,7 @@ def make_train_step(cfg, pretrainer, model, teacher, optimizer, autocast_ctx):
                      if use_teacher else None)
             out = model(batch, t_out, t_temp)
         out["loss"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pretrainer.clip.clamp_logit_scale()
-        if use_teacher:
-            ema_update(teacher, student_image, momentum)
+        train.apply_update(pretrainer, optimizer, cfg, 10**9, teacher, student_image, momentum)
     return step
 
 

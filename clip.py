@@ -65,7 +65,7 @@ import torch.nn.functional as F
 class CLIPConfig:
     """All the numbers that define a CLIP model. The defaults are the "tiny" CPU model."""
     image_size: int = 64            # training resolution (square); the position grid is image_size // patch_size
-    patch_size: int = 4
+    patch_size: int = 8
     stem: str = "conv"              # "linear" (public CLIP) | "conv" (Xiao et al. 2021)
     vision_width: int = 128
     vision_layers: int = 4
@@ -113,8 +113,11 @@ _PUBLIC = dict(image_size=224, stem="linear", context_length=77, vocab_size=4940
                eot_token_id=49407, pad_token_id=0, mlp_ratio=4.0)
 
 MODEL_SIZES: dict[str, dict] = {
-    # CPU default: 64x64 shapes images, 4-px patches (16x16 grid), conv stem; ~1.3M parameters.
-    "tiny": dict(image_size=64, patch_size=4, stem="conv", vision_width=128, vision_layers=4,
+    # CPU default: 64x64 shapes images, 8-px patches (8x8 grid), conv stem; ~1.5M parameters.
+    # 8-px patches: a training step costs ~4x less than with 4-px patches (64 vs 256 tokens), which
+    # is what lets `python train.py` see ~30k samples in ~8 CPU minutes. patch_size=4 gives a finer
+    # segmentation grid at 4x the cost.
+    "tiny": dict(image_size=64, patch_size=8, stem="conv", vision_width=128, vision_layers=4,
                  vision_heads=4, mlp_ratio=4.0, context_length=64, vocab_size=260, text_width=128,
                  text_layers=3, text_heads=4, embed_dim=128, act="gelu", eot_token_id=2, pad_token_id=0),
     # open_clip ViT-S-16.json: embed 384, vision 384/12, text 384/12/6 (no public OpenAI weights).

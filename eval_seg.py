@@ -1020,6 +1020,11 @@ def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gel
     except Exception:          # a TorchScript archive (OpenAI's .pt files) is not a pickled dict
         ckpt = None
     if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):
+        if not bpe_path:
+            keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"{path} is not a train.py checkpoint (a dict with 'model' and 'model_config'; "
+                             f"found {keys}). For a public CLIP checkpoint (OpenAI .pt, open_clip .bin) also "
+                             f"pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
         from pretrained import load_pretrained
         model, tokenizer = load_pretrained(path, merges_path=bpe_path, act=act)
         return model.to(device).eval(), tokenizer

@@ -48,6 +48,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from clip import CLIP, model_config
+from data import (EOT_ID, MASK_ID, PAD_ID, SHAPES_TEMPLATES, SOT_ID, VOCAB_SIZE, ByteTokenizer,
+                  ShapesDataset, build_train_data, collate)
+from ema import ema_update, make_teacher
+from eval_seg import build_text_classifier, classifier_scores, evaluate_segmentation, load_dataset
+from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
+                    clip_loss, mlm_loss, mlm_mask_tokens, siglip_loss)
+from masking import block_mask, random_mask
+from pretrained import BPETokenizer, convert_state_dict, load_pretrained_into, read_state_dict
 
 
 # -----------------------------------------------------------------------------------------------
@@ -74,7 +85,7 @@ class Config:
     csv_separator: str = "auto"     # auto: tab for .tsv, comma for .csv
     num_workers: int = 1
     image_size: int = 64
-    shapes_colour_prob: float = 0.6  # shapes data: fraction of captions that name colours
+    shapes_colour_prob: float = 0.2  # shapes data: fraction of captions that name colours (data.py)
     # --- model ---
     model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
     patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it
@@ -85,14 +96,14 @@ class Config:
     text_layers: int = 0
     embed_dim: int = 0
     # --- optimisation ---
-    steps: int = 1500
+    steps: int = 480
     stop_at: int = 0                # stop (after a checkpoint) at this step; 0 = run to `steps`.
                                     # The schedules still span `steps`: for time-sliced jobs and tests.
-    batch_size: int = 128           # global batch per optimizer step (all ranks x accumulation)
+    batch_size: int = 64            # global batch per optimizer step (all ranks x accumulation)
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr: float = 1e-5
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
@@ -226,10 +237,8 @@ def unwrap(model):
 # training from scratch, or the architecture and BPE tokenizer of a public checkpoint (--init_from).
 # -----------------------------------------------------------------------------------------------
 def build_model_config(cfg):
-    from clip import model_config
     sigmoid = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0) if cfg.loss == "sigmoid" else {}
     if cfg.init_from:
-        from pretrained import BPETokenizer, convert_state_dict, read_state_dict
         if not os.path.exists(cfg.init_from):
             sys.exit(f"error: --init_from file {cfg.init_from!r} does not exist")
         if not cfg.bpe_path or not os.path.exists(cfg.bpe_path):
@@ -238,7 +247,6 @@ def build_model_config(cfg):
         ckpt_cfg, _ = convert_state_dict(read_state_dict(cfg.init_from), act=cfg.init_act)
         clip_cfg = dataclasses.replace(ckpt_cfg, image_size=cfg.image_size, **sigmoid)
         return clip_cfg, BPETokenizer(cfg.bpe_path, context_length=clip_cfg.context_length)
-    from data import EOT_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
     overrides = {k: getattr(cfg, k) for k in ("patch_size", "stem", "vision_width", "vision_layers",
                                               "text_width", "text_layers", "embed_dim") if getattr(cfg, k)}
     try:
@@ -314,9 +322,6 @@ class SeededSample(torch.utils.data.Dataset):
 class Pretrainer(nn.Module):
     def __init__(self, cfg, clip_cfg):
         super().__init__()
-        from clip import CLIP
-        from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder,
-                            TextMLMDecoder)
         self.cfg = cfg
         self.use_sd = "silc" in cfg.method
         self.use_mask = "maskclip" in cfg.method
@@ -348,7 +353,6 @@ class Pretrainer(nn.Module):
         return nn.ModuleDict(parts)
 
     def contrastive(self, img, txt):
-        from losses import clip_loss, siglip_loss
         scale = self.clip.logit_scale.exp()
         if self.cfg.loss == "sigmoid":
             return siglip_loss(img, txt, scale, self.clip.logit_bias)
@@ -399,7 +403,6 @@ class Pretrainer(nn.Module):
                 # MLM: a third (text) forward on the masked caption; the causal text encoder's token
                 # features go through a small bidirectional decoder that sees both directions.
                 feats = self.clip.text(batch["mlm_inputs"])[1]                  # [b, L, W]
-                from losses import mlm_loss
                 out["mlm"] = mlm_loss(self.text_decoder(feats), batch["mlm_labels"])
                 total = total + cfg.mlm_weight * out["mlm"]
         out["loss"] = total
@@ -523,8 +526,6 @@ def recall_at_k(sim, match, ks=(1, 5)):
 
 @torch.no_grad()
 def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
-    from data import SHAPES_TEMPLATES, ShapesDataset, collate
-    from eval_seg import build_text_classifier, classifier_scores
     if cfg.data != "shapes":
         return {}  # real image-text data has no labelled val split here; use eval_seg.py on a dataset
     was_training = clip.training
@@ -563,7 +564,6 @@ def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
     metrics["zeroshot_acc"] = correct / len(single)
     # --- zero-shot segmentation (eval_seg.py) ---
     if with_seg:
-        from eval_seg import evaluate_segmentation, load_dataset
         seg_data = load_dataset("shapes", split=cfg.eval_split, size=cfg.image_size, length=cfg.eval_samples)
         for dense in ("naive", "maskclip"):
             seg = evaluate_segmentation(clip, tokenizer, dataset=seg_data, dense=dense, device=device,
@@ -601,7 +601,6 @@ def main(argv=None):
 
     # --- model config, tokenizer, data ---
     clip_cfg, tokenizer = build_model_config(cfg)
-    from data import build_train_data
     try:
         dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tokenizer)
     except (FileNotFoundError, ValueError) as e:   # a wrong path or a bad file: say so, no traceback
@@ -622,14 +621,12 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     pretrainer = Pretrainer(cfg, clip_cfg)
     if cfg.init_from:
-        from pretrained import load_pretrained_into
         load_pretrained_into(pretrainer.clip, cfg.init_from)
     pretrainer.to(device)
     optimizer = make_optimizer(pretrainer, cfg, device)
     use_teacher = pretrainer.use_sd or pretrainer.use_mask
     teacher = None
     if use_teacher:
-        from ema import make_teacher
         teacher = make_teacher(pretrainer.image_student())                     # deep copy, no grad
     start_step = 0
     if ckpt is not None:
@@ -655,11 +652,9 @@ def main(argv=None):
     sd_start_step = int(cfg.sd_start * cfg.steps)
 
     # --- the loop ---
-    from ema import ema_update
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     pbar = None
     if master:
-        from tqdm import tqdm
         pbar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True)
     data_iter = iter(loader)
     t_last, samples_since = time.time(), 0
@@ -699,15 +694,8 @@ def main(argv=None):
                       f"Stopping; the last good checkpoint is {ckpt_path}")
             cleanup(world)
             sys.exit(1)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), cfg.grad_clip)
-        if pretrainer.use_sd and step < cfg.freeze_last_layer_steps:
-            pretrainer.head.last_layer.weight.grad = None   # DINO: cancel the last layer's gradient
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pretrainer.clip.clamp_logit_scale()                 # exp(scale) <= 100, as CLIP
-        if distill:
-            ema_update(teacher, student_image, momentum_at(step, cfg, sd_start_step))
+        apply_update(pretrainer, optimizer, cfg, step,
+                     teacher if distill else None, student_image, momentum_at(step, cfg, sd_start_step))
 
         # --- logging (rank 0) ---
         samples_since += cfg.batch_size
@@ -757,6 +745,20 @@ def main(argv=None):
     cleanup(world)
 
 
+def apply_update(pretrainer, optimizer, cfg, step, teacher=None, student_image=None, momentum=None):
+    """Everything after backward: clip gradients, (DINO) cancel the head's last-layer gradient
+    early on, AdamW step, clamp the logit scale, then move the EMA teacher toward the student."""
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), cfg.grad_clip)
+    if pretrainer.use_sd and step < cfg.freeze_last_layer_steps:
+        pretrainer.head.cancel_last_layer_grad()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    pretrainer.clip.clamp_logit_scale()                     # exp(scale) <= 100, as CLIP
+    if teacher is not None:
+        ema_update(teacher, student_image, momentum)
+
+
 def cleanup(world):
     if world > 1 and dist.is_initialized():
         dist.barrier()
@@ -785,7 +787,6 @@ def mlm_token_ids(clip_cfg):
     """(mask id, special ids) for masked language modelling. The byte tokenizer reserves a [MASK] id
     (3). CLIP's BPE vocabulary has none, so there the start-of-text id (49406) doubles as [MASK]: it
     never occurs inside a caption, and adding an embedding row would change the pretrained shapes."""
-    from data import MASK_ID, PAD_ID, SOT_ID
     if clip_cfg.eot_token_id == 2:      # byte-level tokenizer (data.py)
         return MASK_ID, (PAD_ID, SOT_ID, clip_cfg.eot_token_id)
     sot = clip_cfg.eot_token_id - 1     # CLIP BPE: SOT 49406, EOT 49407
@@ -796,8 +797,6 @@ def add_masks(batch, cfg, clip_cfg, step, chunk, n_chunks):
     """MaskCLIP inputs for this micro-batch: the patch mask, and the MLM-corrupted caption.
     Masks are drawn from a generator seeded by (seed, step, chunk), so they are reproducible and
     survive a resume; different micro-batches get different masks."""
-    from losses import mlm_mask_tokens
-    from masking import block_mask, random_mask
     src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
     b, _, H, W = src.shape
     gh, gw = H // clip_cfg.patch_size, W // clip_cfg.patch_size

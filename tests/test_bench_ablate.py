@@ -66,7 +66,9 @@ def test_step_flops_match_torch_flop_counter(method):
     # the counter also sees the B x B logits of the contrastive loss, which step_flops leaves out
     assert s_flops == pytest.approx(B * fl["student"], rel=1e-3)
     assert s_flops > B * fl["student"]
-    assert 1.9 < b_flops / s_flops <= 2.0
+    # backward ~ 2x forward (gradients w.r.t. inputs and weights), a little less because the first
+    # convolution of the stem needs no gradient w.r.t. the image: that is the "x3" of step_flops
+    assert 1.8 < b_flops / s_flops <= 2.0
     assert fl["step"] == B * (3 * fl["student"] + fl["teacher"])
 
 
@@ -191,7 +193,8 @@ def test_report_from_existing_runs(tmp_path):
     assert summary["clip"]["miou_naive"]["mean"] == pytest.approx(11.0)
     assert summary["silc"]["miou_naive"]["min"] == pytest.approx(15.0)
     assert summary["clip"]["zeroshot_acc"]["mean"] == pytest.approx(60.0)      # in percent
-    assert summary["clip"]["sec_per_step"]["mean"] == pytest.approx(128 / 128.0)  # default batch 128
+    # s/step = batch_size / samples_per_s, with train.py's default batch size
+    assert summary["clip"]["sec_per_step"]["mean"] == pytest.approx(train.Config().batch_size / 128.0)
     for ext in ("md", "png", "json"):
         assert os.path.exists(os.path.join(root, f"ablation.{ext}"))
     with open(os.path.join(root, "equal_time.json")) as f:

@@ -18,7 +18,7 @@ from clip import (CLIP, MODEL_SIZES, Attention, Block, QuickGELU, TextTransforme
 
 def small_config(**overrides):
     """A 2-layer version of the tiny model: fast, but every code path is the same."""
-    base = dict(vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
+    base = dict(patch_size=4, vision_layers=2, text_layers=2, vision_width=64, text_width=64, embed_dim=32,
                 vision_heads=4, text_heads=4)
     return model_config("tiny", **{**base, **overrides})
 

@@ -211,7 +211,7 @@ def test_torch_compile_training_step_matches_eager():
     """--compile wraps the Pretrainer in torch.compile: one training step (loss and every gradient)
     must match eager on the same batch."""
     import copy
-    from data import ShapesDataset, collate, ByteTokenizer, MultiCrop
+    from data import MultiCrop, ShapesDataset, collate
     cfg = train.resolve_method_defaults(train.parse_args(SMALL + ["--method=clip"]))
     clip_cfg, tok = train.build_model_config(cfg)
     torch.manual_seed(0)
@@ -231,3 +231,18 @@ def test_torch_compile_training_step_matches_eager():
             assert ge[name].grad is None, name
             continue
         torch.testing.assert_close(p.grad, ge[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_silc_teacher_neither_collapses_nor_goes_uniform(tmp_path):
+    """DINO's failure modes, watched on a short real run: the centred, sharpened teacher output must
+    keep a mean entropy well above 0 (collapse onto one prototype) and well below log K (uniform,
+    i.e. no information). K = 64 here, log K = 4.16 nats."""
+    import math
+    run_train(tmp_path / "silc", "--method=silc", "--steps=30", "--batch_size=16", "--n_local_crops=2",
+              "--warmup_steps=5", "--lr=1e-3")
+    ent = [r["teacher_entropy"] for r in read_log(tmp_path / "silc")]
+    log_k = math.log(64)
+    assert len(ent) == 30
+    assert all(0.1 * log_k < h < 0.97 * log_k for h in ent), ent
+    # and the centring + sharpening let it move: the teacher is not stuck at its initial entropy
+    assert max(ent) - min(ent) > 0.05, ent
