@@ -96,7 +96,7 @@ class Config:
     text_layers: int = 0
     embed_dim: int = 0
     # --- optimisation ---
-    steps: int = 480
+    steps: int = 540
     stop_at: int = 0                # stop (after a checkpoint) at this step; 0 = run to `steps`.
                                     # The schedules still span `steps`: for time-sliced jobs and tests.
     batch_size: int = 64            # global batch per optimizer step (all ranks x accumulation)
