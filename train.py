@@ -225,13 +225,6 @@ def setup_distributed(cfg):
     return rank, world, local_rank, device
 
 
-def unwrap(model):
-    """The raw nn.Module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
-
-
 # -----------------------------------------------------------------------------------------------
 # Model config and tokenizer: a named size (clip.MODEL_SIZES) with the byte-level tokenizer when
 # training from scratch, or the architecture and BPE tokenizer of a public checkpoint (--init_from).
@@ -630,8 +623,8 @@ def main(argv=None):
         teacher = make_teacher(pretrainer.image_student())                     # deep copy, no grad
     start_step = 0
     if ckpt is not None:
-        pretrainer.clip.load_state_dict(ckpt["model"])
-        pretrainer.load_state_dict(ckpt["extra"], strict=False)
+        # the checkpoint splits the state into a plain CLIP ("model") and the rest ("extra")
+        pretrainer.load_state_dict({**{"clip." + k: v for k, v in ckpt["model"].items()}, **ckpt["extra"]})
         if teacher is not None:
             teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
