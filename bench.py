@@ -72,7 +72,7 @@ import time
 import torch
 
 import train
-from clip import count_params, flops_per_image, flops_per_text, transformer_flops
+from clip import count_params, flops_per_image, flops_per_text, transformer_flops, trim_padding
 
 METHODS = train.METHODS
 SIZES = ("tiny", "S/16", "B/16")
@@ -223,7 +223,7 @@ def make_batches(cfg, clip_cfg, tokenizer, n_batches, device, trim):
     for k in range(n_batches):
         batch = collate_fn([dataset[i] for i in range(k * B, (k + 1) * B)])
         if trim:
-            batch["tokens"] = train.trim_padding(batch["tokens"], clip_cfg.eot_token_id)
+            batch["tokens"] = trim_padding(batch["tokens"], clip_cfg.eot_token_id)
         if "maskclip" in cfg.method:
             train.add_masks(batch, cfg, clip_cfg, step=k, chunk=0, n_chunks=1)
         batches.append({k2: (v.to(device) if torch.is_tensor(v) else v) for k2, v in batch.items()})

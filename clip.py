@@ -383,6 +383,19 @@ class VisionTransformer(nn.Module):
 # Text tower
 # ----------------------------------------------------------------------------------------------
 
+def trim_padding(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """[B, L] -> [B, L'] without the columns after the batch's last end-of-text token.
+
+    Exact, not an approximation: the text tower is causal and pools at the first EOT, so positions
+    after it cannot change any output; short captions in a long context cost far less this way.
+    A row without an EOT leaves the batch untouched (the tower then raises its own clear error).
+    Callers skip it under torch.compile, where a changing shape would recompile."""
+    is_eot = tokens == eot_token_id                                     # [B, L]
+    if not bool(is_eot.any(dim=1).all()):
+        return tokens
+    return tokens[:, :int(is_eot.int().argmax(dim=1).max()) + 1]
+
+
 class TextTransformer(nn.Module):
     """Causal text encoder. forward(tokens [B, L]) -> (embed [B, E], token_features [B, L, W])."""
 

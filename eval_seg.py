@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from clip import CLIP, CLIPConfig
+from clip import CLIP, CLIPConfig, trim_padding
 from data import BACKGROUND_NAMES, CLIP_MEAN, CLIP_STD, SHAPES_TEMPLATES, ByteTokenizer, ShapesDataset
 
 IGNORE_INDEX = 255
@@ -229,11 +229,7 @@ def build_text_classifier(model, tokenizer, class_names, templates, batch_size=2
     embeds = []
     for i in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[i:i + batch_size]).to(device)        # [b, L]
-        # The text tower is causal and pools at the first EOT, which never sees later positions:
-        # cutting the padding after the latest EOT changes nothing and skips most of the compute.
-        is_eot = tokens == model.config.eot_token_id
-        if bool(is_eot.any(dim=1).all()):
-            tokens = tokens[:, :int(is_eot.float().argmax(dim=1).max()) + 1]
+        tokens = trim_padding(tokens, model.config.eot_token_id)        # exact: causal, EOT pooling
         embeds.append(model.encode_text(tokens, normalize=True).float())  # [b, E]
     embeds = torch.cat(embeds).view(len(names), len(templates), -1)    # [Q, T, E]
     weights = F.normalize(embeds.mean(dim=1), dim=-1)                  # [Q, E]

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clip import CLIP, model_config
+from clip import CLIP, model_config, trim_padding
 from data import (EOT_ID, MASK_ID, PAD_ID, SHAPES_TEMPLATES, SOT_ID, VOCAB_SIZE, ByteTokenizer,
                   ShapesDataset, build_train_data, collate)
 from ema import ema_update, make_teacher
@@ -765,15 +765,6 @@ def teacher_entropy(teacher_logits, center, temp):
     t = torch.cat(teacher_logits).float()
     p = F.softmax((t - center) / temp, dim=-1)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().item()
-
-
-def trim_padding(tokens, eot_id):
-    """[B, L] -> [B, L'] without the columns after the last EOT of the batch. Exact, not an
-    approximation: the text tower is causal and pools at EOT, so positions after the last EOT
-    cannot change any output. Short captions in a 64-token context make this about 2x cheaper.
-    (Skipped under torch.compile, where a changing shape would recompile.)"""
-    last = int((tokens == eot_id).int().argmax(dim=1).max()) + 1
-    return tokens[:, :last]
 
 
 def mlm_token_ids(clip_cfg):

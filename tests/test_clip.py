@@ -430,3 +430,24 @@ def test_flops_match_torch_flop_counter(stem):
     assert measured(model.visual, torch.randn(1, 3, 64, 64), mask, "drop") == flops_per_image(cfg, n_visible=64)
     # a different resolution (interpolated position grid)
     assert measured(model.visual, torch.randn(1, 3, 32, 32)) == flops_per_image(cfg, image_size=32)
+
+
+def test_trim_padding_is_exact_and_keeps_rows_without_eot():
+    from clip import trim_padding
+    torch.manual_seed(0)
+    cfg = small_config()
+    text = TextTransformer(cfg).eval()
+    tokens = torch.zeros(3, cfg.context_length, dtype=torch.long)
+    for row, n in enumerate([5, 9, 3]):                 # SOT, n bytes, EOT, padding
+        tokens[row, 0] = 1
+        tokens[row, 1:n + 1] = torch.randint(4, 260, (n,))
+        tokens[row, n + 1] = cfg.eot_token_id
+    trimmed = trim_padding(tokens, cfg.eot_token_id)
+    assert trimmed.shape == (3, 11)                     # longest row: SOT + 9 + EOT
+    with torch.no_grad():
+        full, _ = text(tokens)
+        short, _ = text(trimmed)
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    no_eot = tokens.clone()
+    no_eot[1, 10] = 7
+    assert trim_padding(no_eot, cfg.eot_token_id) is no_eot
