@@ -34,8 +34,9 @@ checkpoint but no metrics.json continues with --resume=True.
 
 Run it:
     python ablate.py --dry_run                                   # print the commands
-    python ablate.py --seeds=0,1,2 --steps=1500 --equal_time     # the sweep, then the report
+    python ablate.py --seeds=0,1,2 --equal_time                  # the sweep (540 steps), then the report
     python ablate.py --steps=3000 --eval_split=tune -- --batch_size=128 --lr=1e-3   # train.py overrides after --
+    python ablate.py --jobs=2 --steps=540                        # 2 runs at a time (small CPUs; see --help)
 Outputs (in --out_root): ablation.md, ablation.png, ablation.json, and one folder per run.
 """
 
@@ -103,9 +104,10 @@ def batch_size_of(cmd):
     return value
 
 
-def launch(cmd, out_dir, force=False, dry_run=False):
+def launch(cmd, out_dir, force=False, dry_run=False, threads=0):
     """Run one train.py command unless its metrics.json exists. Its stdout and stderr go to
     out_dir/train_output.txt; the command, return code and wall time to out_dir/ablate_run.json.
+    threads > 0 sets OMP_NUM_THREADS for the run (torch's intra-op threads).
     Returns 'skipped', 'dry_run', 'ok' or 'failed'."""
     metrics = os.path.join(out_dir, "metrics.json")
     if dry_run:
@@ -121,12 +123,14 @@ def launch(cmd, out_dir, force=False, dry_run=False):
         cmd = cmd + ["--resume=True"]
     elif os.path.exists(os.path.join(out_dir, "log.jsonl")):
         os.remove(os.path.join(out_dir, "log.jsonl"))      # train.py appends: start a fresh log
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
     t = time.time()
     with open(os.path.join(out_dir, "train_output.txt"), "a") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.time() - t
     with open(os.path.join(out_dir, "ablate_run.json"), "w") as f:
-        json.dump({"cmd": cmd, "returncode": rc, "wall_s": wall, "resumed": resumed}, f, indent=2)
+        json.dump({"cmd": cmd, "returncode": rc, "wall_s": wall, "resumed": resumed,
+                   "threads": threads or None}, f, indent=2)
     return "ok" if rc == 0 and os.path.exists(metrics) else "failed"
 
 
@@ -232,7 +236,7 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
         font = ImageFont.load_default(size=13)
     except TypeError:                                        # Pillow < 10.1: fixed bitmap font
         font = ImageFont.load_default()
-    group_w = 30 + 22 * len(labels)
+    group_w = max(30 + 22 * len(labels), 120)                # room for a label like "fg-mIoU MaskCLIP"
     left, right, top, bottom = 50, 20, 60, 60
     width = width or left + right + group_w * len(keys)
     img = Image.new("RGB", (width, height), "white")
@@ -253,7 +257,7 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
     d.line([(left, top + plot_h), (width - right, top + plot_h)], fill="black")
     bar_w = 18
     for gi, key in enumerate(keys):
-        x0 = left + gi * group_w + 15
+        x0 = left + gi * group_w + (group_w - 22 * len(labels)) // 2    # bars centred in their group
         for li, label in enumerate(labels):
             a = summary[label][key]
             if not a["n"]:
@@ -295,11 +299,15 @@ def parse_args(argv=None):
                                 epilog="Arguments after `--` go to every train.py run (e.g. -- --batch_size=64).")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=540, help="optimizer steps per run (default: train.py's)")
     p.add_argument("--eval_split", default="val", choices=("val", "tune"))
     p.add_argument("--out_root", default="runs")
     p.add_argument("--equal_time", action="store_true",
                    help="also train clip for the wall time silc takes (needs clip and silc)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train.py runs at once, each with cores/jobs threads: more total throughput on "
+                        "a small CPU (2 one-thread runs on 2 cores did 2 x 38 samples/s against 63 for one "
+                        "two-thread run), but the s/step and wall columns then time a shared machine")
     p.add_argument("--force", action="store_true", help="rerun runs whose metrics.json exists")
     p.add_argument("--dry_run", action="store_true", help="print the train.py commands, run nothing")
     p.add_argument("--report_only", action="store_true", help="run nothing; summarise what exists")
@@ -313,7 +321,11 @@ def parse_args(argv=None):
         check_extra(extra)
     except ValueError as e:
         p.error(str(e))
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.equal_time:
+        if args.jobs > 1:
+            p.error("--equal_time needs --jobs=1: the step-time ratio must come from runs alone on the machine")
         args.methods += [m for m in ("clip", "silc") if m not in args.methods]
     return args, extra
 
@@ -324,6 +336,7 @@ def main(argv=None):
         os.makedirs(args.out_root, exist_ok=True)
     plan = [(m, m, s, args.steps) for m in args.methods for s in args.seeds]   # (label, method, seed, steps)
     cmds = {}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
 
     def go(label, method, seed, steps):
         out = run_dir(args.out_root, label, seed)
@@ -332,7 +345,7 @@ def main(argv=None):
         if args.report_only:
             return
         t = time.time()
-        status = launch(cmd, out, force=args.force, dry_run=args.dry_run)
+        status = launch(cmd, out, force=args.force, dry_run=args.dry_run, threads=threads)
         if status in ("ok", "failed"):
             print(f"{label} seed {seed}: {status} in {time.time() - t:.0f} s ({out})", flush=True)
             if status == "failed":
@@ -340,8 +353,14 @@ def main(argv=None):
         elif status == "skipped":
             print(f"{label} seed {seed}: metrics.json exists, skipped ({out})")
 
-    for label, method, seed, steps in plan:
-        go(label, method, seed, steps)
+    if args.jobs > 1 and not args.dry_run and not args.report_only:
+        # a pool of threads, each waiting on one train.py subprocess at a time
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: go(*job), plan))
+    else:
+        for label, method, seed, steps in plan:
+            go(label, method, seed, steps)
 
     eq_steps = None
     if args.equal_time:
@@ -392,11 +411,15 @@ def main(argv=None):
     cmd_line = " ".join(["python ablate.py", f"--methods={','.join(args.methods)}",
                          f"--seeds={','.join(map(str, args.seeds))}", f"--steps={args.steps}",
                          f"--eval_split={args.eval_split}"] + (["--equal_time"] if args.equal_time else [])
+                        + ([f"--jobs={args.jobs}"] if args.jobs > 1 else [])
                         + (["--", extra_txt] if extra else []))
     table = markdown_table(summary, steps=steps_of)
     note = ("Cells: mean ± sample std [min–max] over seeds, percent (mIoU from eval_seg.py; accuracy "
             f"and R@1 x 100); s/step from train.py's log; wall s includes start-up and evaluation. "
             f"Split: {args.eval_split}.")
+    if args.jobs > 1:
+        note += (f" Timing: {args.jobs} runs at a time with {threads} thread(s) each, so s/step and wall s "
+                 f"measure a shared machine (compare them between methods only roughly).")
     if eq_steps:
         note += f" {EQTIME}: clip trained for {eq_steps} steps, the wall time of silc's {args.steps}."
     with open(md_path, "w") as f:

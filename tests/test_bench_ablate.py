@@ -164,13 +164,15 @@ def test_markdown_table_cells():
 def test_chart_draws_bar_and_whisker():
     summary = {"clip": {"miou_naive": {"mean": 50.0, "std": 1.0, "min": 40.0, "max": 60.0, "n": 3}}}
     img = ablate.draw_chart(summary, None, keys=("miou_naive",))
-    # layout (see draw_chart): y axis 0..70 (60 * 1.05 rounded up to 10), plot from y=60 to 360,
-    # the bar from x=65 to 83, its whisker at x=74
+    # layout (see draw_chart): y axis 0..70 (60 * 1.05 rounded up to 10), plot from y=60 to 360;
+    # one group 120 px wide from x=50, its one 18-px bar centred: x = 50 + (120 - 22) // 2 = 99 to 117,
+    # the whisker at x=108
     y_of = lambda v: 60 + 300 * (1 - v / 70)                  # noqa: E731
-    assert img.getpixel((67, int(y_of(25)))) == ablate.PALETTE[0]      # inside the bar
-    assert img.getpixel((67, int(y_of(56)))) != ablate.PALETTE[0]      # above the mean
-    assert img.getpixel((74, int(y_of(56)))) == (0, 0, 0)              # the whisker up to the max
-    assert img.getpixel((74, int(y_of(64)))) != (0, 0, 0)              # nothing above the max
+    assert img.getpixel((101, int(y_of(25)))) == ablate.PALETTE[0]     # inside the bar
+    assert img.getpixel((97, int(y_of(25)))) != ablate.PALETTE[0]      # left of the bar
+    assert img.getpixel((101, int(y_of(56)))) != ablate.PALETTE[0]     # above the mean
+    assert img.getpixel((108, int(y_of(56)))) == (0, 0, 0)             # the whisker up to the max
+    assert img.getpixel((108, int(y_of(64)))) != (0, 0, 0)             # nothing above the max
 
 
 def _fake_run(root, label, seed, metrics, sps):
@@ -212,3 +214,22 @@ def test_launch_skips_and_records(tmp_path):
     assert info["returncode"] == 0 and info["wall_s"] > 0
     assert ablate.launch(cmd, out) == "skipped"
     assert ablate.launch([sys.executable, "-c", "raise SystemExit(3)"], out, force=True) == "failed"
+
+
+def test_launch_sets_threads_and_jobs_flag(tmp_path):
+    # --jobs runs train.py with OMP_NUM_THREADS = cores / jobs: the stand-in writes what it saw
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-c", f"import json, os; json.dump({{'step': 1, 'omp': os.environ.get("
+                                 f"'OMP_NUM_THREADS')}}, open(os.path.join({out!r}, 'metrics.json'), 'w'))"]
+    assert ablate.launch(cmd, out, threads=3) == "ok"
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["omp"] == "3"
+    with open(os.path.join(out, "ablate_run.json")) as f:
+        assert json.load(f)["threads"] == 3
+    args, _ = ablate.parse_args(["--jobs=2", "--methods=clip"])
+    assert args.jobs == 2
+    assert args.steps == train.Config.steps          # the ablation's default run is train.py's default
+    with pytest.raises(SystemExit):     # the equal-time ratio must be timed alone
+        ablate.parse_args(["--jobs=2", "--equal_time"])
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--jobs=0"])
