@@ -435,7 +435,8 @@ def lr_at(step, cfg):
 
 def teacher_temp_at(step, cfg, start_step):
     """DINO: the teacher temperature warms up linearly (0.04 -> 0.07); sharper early targets keep the
-    freshly started distillation from collapsing to the uniform distribution."""
+    freshly started distillation from collapsing to the uniform distribution. The CPU default keeps
+    it fixed at 0.04 (start = end; see Config)."""
     warm = max(1, int(cfg.teacher_temp_warmup_frac * (cfg.steps - start_step)))
     t = min(1.0, (step - start_step) / warm)
     return cfg.teacher_temp_warmup + t * (cfg.teacher_temp - cfg.teacher_temp_warmup)
