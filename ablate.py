@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("clip", "silc", "maskclip", "silc+maskclip")
@@ -353,14 +354,9 @@ def main(argv=None):
         elif status == "skipped":
             print(f"{label} seed {seed}: metrics.json exists, skipped ({out})")
 
-    if args.jobs > 1 and not args.dry_run and not args.report_only:
-        # a pool of threads, each waiting on one train.py subprocess at a time
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: go(*job), plan))
-    else:
-        for label, method, seed, steps in plan:
-            go(label, method, seed, steps)
+    # args.jobs threads, each waiting on one train.py subprocess at a time (1 job: in plan order)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: go(*job), plan))
 
     eq_steps = None
     if args.equal_time:

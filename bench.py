@@ -266,6 +266,7 @@ def make_train_step(cfg, pretrainer, model, teacher, optimizer, autocast_ctx):
                      if use_teacher else None)
             out = model(batch, t_out, t_temp)
         out["loss"].backward()
+        # step 10**9: past any --freeze_last_layer_steps, so the prototypes update as in most steps
         train.apply_update(pretrainer, optimizer, cfg, 10**9, teacher, student_image, momentum)
     return step
 

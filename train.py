@@ -120,12 +120,13 @@ class Config:
     momentum_schedule: str = "fixed"  # fixed | cosine (DINO: momentum -> 1)
     teacher_temp: float = 0.04      # fixed 0.04 (DINO's warm-up ends at 0.07; see the note below)
     teacher_temp_warmup: float = 0.04  # start value, warmed up linearly to teacher_temp
-    # Note on the teacher at CPU scale (measured, 150 steps of --method=silc, seed 0): with DINO's
-    # bottleneck 128-256 and 0.04 -> 0.07 the teacher's mean entropy stayed at 6.6-6.85 nats of
-    # log K = 6.93 for all 540 steps: nearly uniform targets, so almost nothing to distil. Head logits
-    # are cosines to random unit prototypes, spread ~1/sqrt(bottleneck); at 0.04 fixed the entropy fell
-    # to 6.1 by step 150, with bottleneck 32 to 4.0 (contrastive loss unchanged: 3.83 vs 3.81); at
-    # 0.02 it fell to 1 nat and the contrastive loss stalled. Full-scale runs: DINO's values (README).
+    # Note on the teacher at CPU scale (measured, --method=silc, seed 0): with bottleneck 128 (DINO:
+    # 256) and DINO's 0.04 -> 0.07 the teacher's mean entropy stayed at 6.6-6.85 nats of log K = 6.93
+    # for all 540 steps: nearly uniform targets, so almost nothing to distil. Head logits are cosines
+    # to random unit prototypes, spread ~1/sqrt(bottleneck). After 150 steps: at 0.04 fixed the entropy
+    # was 6.1, with bottleneck 32 as well 4.0, with the contrastive loss unchanged (3.90 vs 3.92, mean
+    # of steps 110-150); at 0.02 it fell to 1 nat and the contrastive loss stalled. README: the table;
+    # full-scale runs keep DINO's values.
     teacher_temp_warmup_frac: float = 0.3
     student_temp: float = 0.1
     freeze_last_layer_steps: int = 0  # DINO cancels the last head layer's gradient for 1 epoch
