@@ -39,7 +39,9 @@ True = masked:
     position embedding is added (iBOT, Zhou et al. 2022). Sequence length unchanged.
   * mask_mode="drop": masked tokens are removed after the position embedding is added, and only
     the visible ones are encoded (MAE / FLIP style; about 4x cheaper at 75% masking). Every image
-    must mask the same number of patches so the batch stays rectangular.
+    must mask the same number of patches so the batch stays rectangular. The visible tokens are
+    gathered with an index of static size (`index_of_false`) rather than by boolean indexing,
+    whose data-dependent size torch.compile cannot trace in one graph.
   With the conv stem, neighbouring patches share receptive fields, so a masked patch's pixels
   would leak into its visible neighbours; in BOTH modes we zero the masked patches' pixels before
   the stem, which makes the output exactly invariant to what the masked pixels contain.
@@ -289,8 +291,10 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> 
     return torch.cat([pos_embed[:1], grid], dim=0)                               # [1 + gh*gw, D]
 
 
-def _check_mask(mask, B, N, mask_mode):
-    """Validate a patch mask: bool [B, N]; in drop mode the same masked count in every row."""
+def _check_mask(mask, B, N, mask_mode, num_masked=None):
+    """Validate a patch mask: bool [B, N]; in drop mode the same masked count in every row (and
+    equal to num_masked when that is given). The count checks read tensor values, so they run
+    eagerly only: under torch.compile they would break the graph."""
     if mask_mode not in ("token", "drop"):
         raise ValueError(f"mask_mode must be 'token' or 'drop', got {mask_mode!r}")
     if mask.dtype != torch.bool or tuple(mask.shape) != (B, N):
@@ -301,10 +305,32 @@ def _check_mask(mask, B, N, mask_mode):
         if not bool((counts == counts[0]).all()):
             raise ValueError(f"mask_mode='drop' needs the same number of masked patches in every "
                              f"image, got counts {counts.tolist()}")
+        if num_masked is not None and int(counts[0]) != num_masked:
+            raise ValueError(f"num_masked={num_masked} but the mask hides {int(counts[0])} patches per image")
+
+
+def index_of_false(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The positions where a bool mask [B, N] is False, `count` per row, in increasing order:
+    long [B, count]. Every row must hold exactly `count` False entries.
+
+    It is x[~mask] with a static shape: gathering with it gives the same tensor, bit for bit, as
+    boolean indexing (same elements, same row-major order), but the output's size comes from the
+    Python int `count` instead of from the mask's values. Boolean indexing has a data-dependent
+    size (a nonzero() under the hood), which makes torch.compile break the graph and makes a GPU
+    wait for the count. A STABLE sort of the 0/1 mask puts the False (0) positions first and keeps
+    them in their original order."""
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)            # [B, N]
+    return order[:, :count]                                                    # [B, count]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], index long [B, n] -> x[b, index[b, i]] as [B, n, D]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class VisionTransformer(nn.Module):
-    """ViT image encoder. forward(images, mask=None, mask_mode="token") -> (embed [B, E], tokens [B, 1+N', D])."""
+    """ViT image encoder. forward(images, mask=None, mask_mode="token", num_masked=None)
+    -> (embed [B, E], tokens [B, 1+N', D])."""
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -335,8 +361,11 @@ class VisionTransformer(nn.Module):
         """Position embedding [1 + grid_h*grid_w, D] for an input grid (identity at the training grid)."""
         return interpolate_pos_embed(self.pos_embed, grid_h, grid_w)
 
-    def embed(self, images, mask=None, mask_mode="token"):
-        """Pixels -> the token sequence entering the first block: [B, 1+N', D] (after ln_pre)."""
+    def embed(self, images, mask=None, mask_mode="token", num_masked=None):
+        """Pixels -> the token sequence entering the first block: [B, 1+N', D] (after ln_pre).
+        num_masked (drop mode, optional): the masked count per image, as a Python int. Give it
+        when it is known (train.py knows it from the mask ratio): the kept sequence length then
+        needs no look at the mask's values, which torch.compile cannot trace without a break."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         B, _, H, W = images.shape
@@ -346,7 +375,7 @@ class VisionTransformer(nn.Module):
         gh, gw = H // p, W // p
         N = gh * gw
         if mask is not None:
-            _check_mask(mask, B, N, mask_mode)
+            _check_mask(mask, B, N, mask_mode, num_masked)
             if self.stem_type == "conv":
                 # Overlapping receptive fields: blank the masked patches' pixels so they cannot leak
                 # into visible neighbours (output becomes invariant to them, in both mask modes).
@@ -363,16 +392,16 @@ class VisionTransformer(nn.Module):
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)   # [B, N, D]
         x = x + pos[1:]                                        # [B, N, D]
         if mask is not None and mask_mode == "drop":
-            # Boolean indexing keeps each row's visible tokens in their original order.
-            n_visible = N - int(mask[0].sum())
-            x = x[~mask].reshape(B, n_visible, x.shape[-1])    # [B, N_vis, D]
+            # Keep each row's visible tokens, in their original order (= x[~mask], static shape).
+            n_visible = N - (int(mask[0].sum()) if num_masked is None else num_masked)
+            x = gather_rows(x, index_of_false(mask, n_visible))   # [B, N_vis, D]
 
         cls = (self.cls_token + pos[0]).to(x.dtype).expand(B, 1, -1)   # [B, 1, D]
         x = torch.cat([cls, x], dim=1)                         # [B, 1 + N', D]
         return self.ln_pre(x)
 
-    def forward(self, images, mask=None, mask_mode="token"):
-        x = self.embed(images, mask, mask_mode)                # [B, 1 + N', D]
+    def forward(self, images, mask=None, mask_mode="token", num_masked=None):
+        x = self.embed(images, mask, mask_mode, num_masked)    # [B, 1 + N', D]
         for blk in self.blocks:
             x = blk(x)
         tokens = self.ln_post(x)                               # [B, 1 + N', D]

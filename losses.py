@@ -76,6 +76,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clip import Block, index_of_false, init_blocks_
+
 # Token ids of the byte tokenizer (data.py): PAD 0, SOT 1, EOT 2, MASK 3, byte b -> b + 4.
 PAD_ID, SOT_ID, EOT_ID, MASK_ID = 0, 1, 2, 3
 VOCAB_SIZE = 260
@@ -368,6 +370,10 @@ class MaskedDistillLoss(nn.Module):
     loss = sum over masked patches of H(P_t, P_s) / number of masked patches, where the count is
     over the global batch (all ranks): see `_global_mean`. Visible patches are not selected at
     all, so they get exactly zero weight and zero gradient.
+    num_masked (optional Python int): the masked count per image, when every image hides the same
+    number (train.py's masks do). The masked patches are then gathered with an index of static
+    size, which torch.compile traces in one graph; without it, boolean indexing (any mask, eager
+    friendly). Both select the same rows in the same order, so they give the same loss bit for bit.
     In training mode the centre is updated from the teacher logits of ALL patches of the global
     batch (iBOT does the same; MaskCLIP does not say), momentum 0.9.
     """
@@ -379,16 +385,26 @@ class MaskedDistillLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))        # [1, K]
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                mask: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+                mask: torch.Tensor, teacher_temp: float, num_masked: int | None = None) -> torch.Tensor:
         if student_logits.shape != teacher_logits.shape or student_logits.ndim != 3:
             raise ValueError(f"expected student and teacher logits of the same shape [B, N, K], "
                              f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
         if mask.shape != student_logits.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(f"expected a bool mask [B, N] = {tuple(student_logits.shape[:2])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
+        if num_masked is not None and not torch.compiler.is_compiling():
+            if not bool((mask.sum(dim=1) == num_masked).all()):
+                raise ValueError(f"num_masked={num_masked} but the mask's rows hide "
+                                 f"{mask.sum(dim=1).tolist()} patches")
         t = _fp32(teacher_logits.detach())
-        p_t = F.softmax((t[mask] - self.center) / teacher_temp, dim=-1)              # [M, K]
-        ce = _soft_cross_entropy(student_logits[mask], p_t, self.student_temp)       # [M]
+        if num_masked is None:
+            t_m, s_m = t[mask], student_logits[mask]                                 # [M, K]
+        else:   # the same rows as t[mask], in the same (row-major) order, with a static M = B * n
+            idx = index_of_false(~mask, num_masked).unsqueeze(-1)                   # [B, n, 1]
+            t_m = torch.gather(t, 1, idx.expand(-1, -1, t.shape[-1])).flatten(0, 1)
+            s_m = torch.gather(student_logits, 1, idx.expand(-1, -1, t.shape[-1])).flatten(0, 1)
+        p_t = F.softmax((t_m - self.center) / teacher_temp, dim=-1)                  # [M, K]
+        ce = _soft_cross_entropy(s_m, p_t, self.student_temp)                        # [M]
         loss = _global_mean(ce.sum(), mask.sum())
         if self.training:
             self.update_center(t)
@@ -427,7 +443,6 @@ class MaskedPatchDecoder(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_layers: int = 1, mlp_ratio: float = 4.0):
         super().__init__()
-        from clip import Block, init_blocks_
         self.mask_token = nn.Parameter(torch.zeros(dim))                   # [D]
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(num_layers))
         if num_layers > 0:                  # (0 layers: placement + LayerNorm only, used in tests)
@@ -453,16 +468,20 @@ class MaskedPatchDecoder(nn.Module):
                              f"got {tuple(pos_embed.shape)}")
         cls, patches = tokens[:, :1], tokens[:, 1:]                        # [B, 1, D], [B, N', D]
         mask_tok = self.mask_token.to(tokens.dtype)
-        n_visible = patches.shape[1]
+        n_visible = patches.shape[1]        # a static size: the mode needs no look at mask values
+        if n_visible != N and not torch.compiler.is_compiling():
+            counts = mask.sum(dim=1)                                       # [B] (eager check only)
+            if not bool((counts == N - n_visible).all()):
+                raise ValueError(f"tokens hold {n_visible} patch tokens; expected N = {N} (token "
+                                 f"mode) or N - masked = {N - int(counts[0])} per image (drop mode)")
         if n_visible == N:                                                 # token mode
             x = patches + mask.unsqueeze(-1).to(tokens.dtype) * mask_tok   # [B, N, D]
-        elif n_visible == N - int(mask[0].sum()):                          # drop mode
-            x = (mask_tok + pos_embed[1:].to(tokens.dtype)).expand(B, N, D).clone()   # [B, N, D]
-            # Boolean indexing walks row by row in position order, as the encoder's drop did.
-            x[~mask] = patches.reshape(B * n_visible, D)
-        else:
-            raise ValueError(f"tokens hold {n_visible} patch tokens; expected N = {N} (token mode) "
-                             f"or N - masked = {N - int(mask[0].sum())} (drop mode)")
+        else:                                                              # drop mode
+            x = (mask_tok + pos_embed[1:].to(tokens.dtype)).expand(B, N, D)           # [B, N, D]
+            # Put the visible tokens back where the encoder took them from (index_of_false gives
+            # the same positions, in the same order, as the encoder's gather).
+            idx = index_of_false(mask, n_visible).unsqueeze(-1).expand(-1, -1, D)    # [B, N', D]
+            x = x.scatter(1, idx, patches)                                 # [B, N, D]
         x = torch.cat([cls, x], dim=1)                                     # [B, 1 + N, D]
         for blk in self.blocks:
             x = blk(x)
@@ -488,7 +507,6 @@ class TextMLMDecoder(nn.Module):
     def __init__(self, width: int, num_heads: int, vocab_size: int = VOCAB_SIZE,
                  num_layers: int = 4, mlp_ratio: float = 4.0, pad_id: int = PAD_ID):
         super().__init__()
-        from clip import Block, init_blocks_
         self.pad_id = pad_id
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(num_layers))
         if num_layers > 0:

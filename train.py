@@ -57,7 +57,7 @@ from ema import ema_update, make_teacher
 from eval_seg import build_text_classifier, classifier_scores, evaluate_segmentation, load_dataset
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
                     clip_loss, mlm_loss, mlm_mask_tokens, siglip_loss)
-from masking import block_mask, random_mask
+from masking import block_mask, num_masked, random_mask
 from pretrained import BPETokenizer, convert_state_dict, load_pretrained_into, read_state_dict
 
 
@@ -395,9 +395,13 @@ class Pretrainer(nn.Module):
             # the first global view when there are crops (teacher and student see the same view).
             src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
             mask = batch["patch_mask"]                                          # [b, N] bool
-            _, m_tok = visual(src, mask=mask, mask_mode=cfg.mask_mode)          # [b, 1+N', D]
+            # The masked count as a Python int (add_masks draws exactly this many per image): the
+            # kept and masked token counts are then static shapes, which torch.compile needs.
+            n_masked = num_masked(mask.shape[1], cfg.mask_ratio)
+            _, m_tok = visual(src, mask=mask, mask_mode=cfg.mask_mode, num_masked=n_masked)   # [b, 1+N', D]
             pred = self.decoder(m_tok, mask, visual)                            # [b, N, D]
-            out["dist"] = self.mask_loss(self.patch_head(pred), teacher_out["patch"], mask, teacher_temp)
+            out["dist"] = self.mask_loss(self.patch_head(pred), teacher_out["patch"], mask, teacher_temp,
+                                         num_masked=n_masked)
             total = total + cfg.dist_weight * out["dist"]
             if cfg.mlm_weight > 0:
                 # MLM: a third (text) forward on the masked caption; the causal text encoder's token

@@ -309,6 +309,36 @@ def test_token_mode_conv_stem_zeroes_masked_pixels_then_uses_mask_token():
     torch.testing.assert_close(vit.embed(images, mask, "token"), vit.ln_pre(x))
 
 
+@pytest.mark.parametrize("B,N,n_masked", [(3, 16, 12), (2, 256, 128), (4, 9, 0), (2, 7, 6)])
+def test_index_of_false_is_boolean_indexing_with_a_static_shape(B, N, n_masked):
+    mask = equal_count_mask(B, N, n_masked, seed=N)
+    idx = clip.index_of_false(mask, N - n_masked)
+    # by hand: the unmasked positions of each row, in increasing order
+    assert idx.tolist() == [[n for n in range(N) if not mask[b, n]] for b in range(B)]
+    x = torch.randn(B, N, 5)
+    assert torch.equal(clip.gather_rows(x, idx), x[~mask].reshape(B, N - n_masked, 5))
+
+
+def test_drop_mode_with_a_given_count_is_bit_identical():
+    """num_masked only replaces the count read from the mask: same output, same gradients, bit for bit."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(small_config(stem="conv"))
+    images = torch.randn(2, 3, 64, 64)
+    mask = equal_count_mask(2, 256, 192)
+    outs, grads = [], []
+    for kw in ({}, {"num_masked": 192}):
+        vit.zero_grad()
+        _, tok = vit(images, mask, "drop", **kw)
+        tok.square().mean().backward()
+        outs.append(tok)
+        grads.append([p.grad.clone() for p in vit.parameters() if p.grad is not None])
+    assert outs[0].shape == (2, 1 + 64, 64)
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads)) and len(grads[0]) == len(grads[1])
+    with pytest.raises(ValueError, match="num_masked=100"):
+        vit(images, mask, "drop", num_masked=100)
+
+
 def test_bad_masks_and_inputs_are_clear_errors():
     vit = VisionTransformer(small_config())
     images = torch.randn(2, 3, 64, 64)

@@ -344,6 +344,26 @@ def test_masked_distill_equals_naive_per_patch_loop_and_ignores_visible_patches(
     assert loss(s2, t, mask, teacher_temp=0.06).item() == pytest.approx(value.item(), rel=1e-12)
 
 
+def test_masked_distill_with_a_given_count_is_bit_identical():
+    """num_masked switches boolean indexing to a static-shape gather: same rows, same order, so
+    the same loss, centre and gradient bit for bit (the naive loop above checks the value itself)."""
+    from masking import random_mask
+    g = torch.Generator().manual_seed(5)
+    B, N, K = 3, 16, 7
+    t = torch.randn(B, N, K, generator=g)
+    mask = random_mask(B, N, 0.75, generator=g)
+    results = []
+    for kw in ({}, {"num_masked": 12}):
+        s = torch.randn(B, N, K, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        loss = MaskedDistillLoss(K)
+        value = loss(s, t, mask, teacher_temp=0.04, **kw)
+        value.backward()
+        results.append((value.detach(), s.grad, loss.center.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(ValueError, match="num_masked=11"):
+        MaskedDistillLoss(K)(s, t, mask, teacher_temp=0.04, num_masked=11)
+
+
 def test_masked_distill_bad_input():
     loss = MaskedDistillLoss(4)
     with pytest.raises(ValueError, match="bool mask"):

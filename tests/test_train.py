@@ -233,6 +233,28 @@ def test_torch_compile_training_step_matches_eager():
         torch.testing.assert_close(p.grad, ge[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("method", ["maskclip", "silc+maskclip"])
+def test_masked_training_step_traces_as_one_graph(method):
+    """The masked branch (drop mode for maskclip, mask tokens for silc+maskclip) must compile as ONE
+    graph: boolean indexing or a .item() on the mask would make torch.compile break it into pieces
+    (11 graphs for maskclip before the static-shape gathers). torch._dynamo.explain only traces."""
+    from data import build_train_data
+    from ema import make_teacher
+    cfg = train.resolve_method_defaults(train.parse_args(SMALL + [f"--method={method}", "--n_local_crops=2"]))
+    clip_cfg, tok = train.build_model_config(cfg)
+    torch.manual_seed(0)
+    pretrainer = train.Pretrainer(cfg, clip_cfg)
+    teacher = make_teacher(pretrainer.image_student())
+    dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tok)
+    batch = collate_fn([dataset[i] for i in range(4)])
+    train.add_masks(batch, cfg, clip_cfg, step=0, chunk=0, n_chunks=1)
+    t_out = train.teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pretrainer)(batch, t_out, 0.04)
+    reasons = [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
+
+
 def test_silc_teacher_neither_collapses_nor_goes_uniform(tmp_path):
     """DINO's failure modes, watched on a short real run: the centred, sharpened teacher output must
     keep a mean entropy well above 0 (collapse onto one prototype) and well below log K (uniform,
