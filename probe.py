@@ -1,0 +1,228 @@
+"""
+probe.py: a dense linear probe. How much do a model's patch features know about the classes, with
+the text tower left out?
+
+Zero-shot segmentation (eval_seg.py) asks two things of the patch features at once:
+  (1) that patches of different classes are SEPARABLE in feature space, and
+  (2) that each lies next to the right class NAME in the joint image-text space.
+A low zero-shot mIoU cannot tell which one failed. A linear probe measures (1) alone: freeze the
+model, read the very features the zero-shot evaluation reads (eval_seg.dense_features,
+f_p = normalise(proj(ln_post(x_p))) in [h, w, E], naive or MaskCLIP-trick), and fit a linear
+classifier on labelled images:
+
+    logits_p = W f_p + b                      W [C, E], b [C], one prediction per patch p
+
+Then segment new images exactly as the zero-shot evaluation does (patch logits, bilinear upsampling
+to the pixels, argmax) and score them with the same confusion matrix and mIoU. The gap between
+probe mIoU and zero-shot mIoU is then what text alignment loses. This is the standard way to judge
+the dense features of self-supervised ViTs (DINO, iBOT, DINOv2 report linear segmentation probes),
+and the question issue 7 asks of SILC and MaskCLIP: what does self-distillation teach the patches?
+
+Training target. A patch covers p x p pixels, which may hold several classes. Predicting one
+distribution per patch and scoring it against every labelled pixel of the patch gives
+
+    L = sum_pixels CE(logits_{patch(pixel)}, y_pixel) / #pixels
+      = sum_p n_p * H(q_p, softmax(logits_p)) / sum_p n_p
+
+where q_p is the fraction of each class among patch p's n_p labelled pixels: the pixel loss is
+exactly a soft-label cross-entropy over patches (weighted by n_p), with 64x fewer rows than one
+per pixel at patch size 8. Plus wd * |W|^2 (the bias is not
+decayed). The problem is convex with a unique optimum, which full-batch L-BFGS from zero approaches
+deterministically (at most 300 iterations here): no learning rate, no seed.
+
+Data splits (never tune on the evaluation split): the probe is fitted on the shapes TUNE split and
+reported on VAL. wd is fixed at 1e-4 for every checkpoint, so that methods are compared under one
+protocol. It was chosen on the tune split alone (`choose_wd`: fit on its first 80% of images,
+score mIoU on the other 20%) with CLIP seed 0's checkpoint: 1e-3 scored 16.1, 1e-4 19.0, 1e-5 20.6,
+but 1e-5 had not converged after 300 L-BFGS iterations while 1e-4 had nearly (weight norm 214 at
+100 iterations, 237 at 300). `--choose_wd` runs that grid for each checkpoint instead.
+
+Run:
+    python probe.py --ckpt runs/clip_s0/ckpt.pt runs/silc_s0/ckpt.pt      # naive features
+    python probe.py --ckpt runs/*_s0/ckpt.pt --dense maskclip
+Prints one row per checkpoint and writes <checkpoint folder>/probe_<dense>.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from eval_seg import (IGNORE_INDEX, ConfusionMatrix, dense_features, load_dataset, load_model_from_checkpoint,
+                      miou_from_confusion, preprocess)
+
+WD_GRID = (1e-5, 1e-4, 1e-3)
+DEFAULT_WD = 1e-4
+
+
+@torch.no_grad()
+def extract_features(model, dataset, dense="naive", batch_size=64, device="cpu"):
+    """The zero-shot evaluation's patch features and the label maps of a whole dataset:
+    features [n, h, w, E] (float32, L2-normalised), labels [n, H, W] (long). Images must share a size."""
+    feats, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = preprocess(torch.stack([it["image"] for it in items]).to(device))    # [b, 3, H, W]
+        feats.append(dense_features(model, images, dense).float().cpu())              # [b, h, w, E]
+        labels.append(torch.stack([it["mask"] for it in items]).long())               # [b, H, W]
+    return torch.cat(feats), torch.cat(labels)
+
+
+def patch_class_fractions(labels, grid, num_classes, ignore_index=IGNORE_INDEX):
+    """Label maps [n, H, W] -> (q [n, h, w, C], count [n, h, w], float64): per patch of a grid h x w, the
+    fraction of each class among its labelled pixels, and how many pixels are labelled.
+    H and W must be multiples of h and w. Patches with no labelled pixel get q = 0, count = 0."""
+    n, H, W = labels.shape
+    h, w = grid
+    if H % h or W % w:
+        raise ValueError(f"label maps {H}x{W} do not tile into a {h}x{w} patch grid")
+    valid = labels != ignore_index                                                  # [n, H, W]
+    if bool(((labels < 0) | (labels >= num_classes))[valid].any()):
+        raise ValueError(f"labels must be in [0, {num_classes}) or {ignore_index}")
+    onehot = F.one_hot(torch.where(valid, labels, 0), num_classes).int()            # [n, H, W, C]
+    onehot = onehot * valid.unsqueeze(-1)                      # (int counts: exact; float64 below)
+    per_patch = onehot.reshape(n, h, H // h, w, W // w, num_classes).sum(dim=(2, 4)).double()  # [n, h, w, C]
+    count = per_patch.sum(-1)                                                       # [n, h, w]
+    return per_patch / count.clamp(min=1).unsqueeze(-1), count
+
+
+def probe_loss(weight, bias, feats, q, count, wd):
+    """Mean pixel cross-entropy (as the soft-label patch form in the module docstring) + wd |W|^2.
+    feats [M, E], q [M, C], count [M]."""
+    logits = feats @ weight.T + bias                                                # [M, C]
+    ce = -(q * F.log_softmax(logits, dim=-1)).sum(-1)                               # [M]
+    return (count * ce).sum() / count.sum().clamp(min=1) + wd * weight.square().sum()
+
+
+def fit_probe(feats, labels, num_classes, wd, max_iter=300):
+    """Fit W [C, E], b [C] on features [n, h, w, E] and label maps [n, H, W] by full-batch L-BFGS
+    (convex: the start at zero and the result are deterministic).
+
+    The features are standardised first (each dimension to mean 0, std 1 over the fitted patches,
+    as DINOv2's linear head does with a BatchNorm): CLIP's normalised patch features sit in a
+    narrow cone, so raw they need a huge W and L-BFGS crawls. The probe is fitted on the
+    standardised features, with wd on that W, and then folded back so that it applies to the raw
+    features:  W_raw = W / s,  b_raw = b - W_raw m."""
+    n, h, w, E = feats.shape
+    q, count = patch_class_fractions(labels, (h, w), num_classes)
+    X, q, count = feats.reshape(-1, E).double(), q.reshape(-1, num_classes), count.reshape(-1)
+    keep = count > 0
+    X, q, count = X[keep], q[keep], count[keep]
+    mean, std = X.mean(0), X.std(0).clamp(min=1e-12)                                # [E], [E]
+    X = (X - mean) / std
+    weight = torch.zeros(num_classes, E, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = probe_loss(weight, bias, X, q, count, wd)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_raw = weight.detach() / std                                                   # [C, E]
+    return w_raw.float(), (bias.detach() - w_raw @ mean).float()
+
+
+def probe_predict(feats, weight, bias, out_size):
+    """features [n, h, w, E] -> predicted label maps [n, H, W]: patch logits, bilinearly upsampled
+    to the pixels (as eval_seg does with the zero-shot logits), argmax."""
+    logits = (feats @ weight.T + bias).permute(0, 3, 1, 2)                          # [n, C, h, w]
+    logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)                                                         # [n, H, W]
+
+
+def score(pred, labels, num_classes, background_index):
+    """mIoU, fg-mIoU and per-class IoU in percent (eval_seg's metric)."""
+    conf = ConfusionMatrix(num_classes)
+    conf.update(pred, labels)
+    m = miou_from_confusion(conf.counts, background_index)
+
+    def pct(v):
+        return None if v is None or math.isnan(v) else round(100 * v, 4)
+    return {"miou": pct(m["miou"]), "fg_miou": pct(m.get("fg_miou")),
+            "pixel_acc": pct(m["pixel_acc"]), "iou": [pct(v) for v in m["iou"]]}
+
+
+def choose_wd(feats, labels, num_classes, background_index, grid=WD_GRID, hold_out=0.2):
+    """The wd of the grid with the best mIoU on the last `hold_out` of the images, fitted on the
+    rest (ties: the larger wd). Call it on the tuning split only. Returns (wd, {wd: mIoU})."""
+    n = feats.shape[0]
+    n_fit = n - max(1, int(round(hold_out * n)))
+    if n_fit < 1:
+        raise ValueError(f"need at least 2 images to choose wd, got {n}")
+    scores = {}
+    for wd in grid:
+        W, b = fit_probe(feats[:n_fit], labels[:n_fit], num_classes, wd)
+        pred = probe_predict(feats[n_fit:], W, b, labels.shape[-2:])
+        scores[wd] = score(pred, labels[n_fit:], num_classes, background_index)["miou"]
+    best = max(grid, key=lambda wd: (scores[wd], wd))
+    return best, scores
+
+
+def run_probe(model, dense="naive", fit_split="tune", eval_split="val", size=None, device="cpu",
+              wd=DEFAULT_WD, max_images=None):
+    """The whole protocol on the shapes data: features of both splits, the probe fitted on all of
+    fit_split (wd=None: wd chosen on fit_split first), scored once on eval_split. Returns a dict
+    (percent)."""
+    size = size or model.config.image_size
+    t0 = time.time()
+    data = {}
+    for split in (fit_split, eval_split):
+        ds = load_dataset("shapes", split=split, size=size)
+        if max_images is not None:
+            ds.shapes.length = min(len(ds), max_images)
+        data[split] = (ds, *extract_features(model, ds, dense, device=device))
+    ds, f_fit, y_fit = data[fit_split]
+    C, bg = len(ds.class_names), ds.background_index
+    scores = None
+    if wd is None:
+        wd, scores = choose_wd(f_fit, y_fit, C, bg)
+    W, b = fit_probe(f_fit, y_fit, C, wd)
+    _, f_eval, y_eval = data[eval_split]
+    result = score(probe_predict(f_eval, W, b, y_eval.shape[-2:]), y_eval, C, bg)
+    result.update(dense=dense, wd=wd, wd_scores_on_fit_split=scores, fit_split=fit_split,
+                  eval_split=eval_split, num_fit=len(f_fit), num_eval=len(f_eval),
+                  class_names=[names[0] for names in ds.class_names], seconds=round(time.time() - t0, 1))
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Dense linear probe of a CLIP checkpoint's patch features "
+                                             "(fit on the shapes tune split, scored on val).")
+    ap.add_argument("--ckpt", nargs="+", required=True, help="train.py checkpoints")
+    ap.add_argument("--dense", default="naive", choices=("naive", "maskclip", "sclip", "clearclip"))
+    ap.add_argument("--fit_split", default="tune")
+    ap.add_argument("--eval_split", default="val")
+    ap.add_argument("--wd", type=float, default=DEFAULT_WD, help="weight decay on the standardised-feature weights")
+    ap.add_argument("--choose_wd", action="store_true", help=f"choose wd from {WD_GRID} on fit_split, per checkpoint")
+    ap.add_argument("--max_images", type=int, default=None, help="use the first N images of each split")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.eval_split == args.fit_split:
+        ap.error("--eval_split must differ from --fit_split (a probe scored on its own training images)")
+    for path in args.ckpt:
+        if not os.path.exists(path):
+            ap.error(f"checkpoint not found: {path}")
+    results = {}
+    print(f"{'checkpoint':50s} {'mIoU':>6s} {'fg-mIoU':>8s} {'wd':>7s}")
+    for path in args.ckpt:
+        model, _ = load_model_from_checkpoint(path, args.device)
+        r = run_probe(model, args.dense, args.fit_split, args.eval_split, device=args.device,
+                      wd=None if args.choose_wd else args.wd, max_images=args.max_images)
+        r["checkpoint"] = path
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), f"probe_{args.dense}.json"), "w") as f:
+            json.dump(r, f, indent=2)
+        print(f"{path:50s} {r['miou']:6.1f} {r['fg_miou']:8.1f} {r['wd']:7.0e}", flush=True)
+        results[path] = r
+    return results
+
+
+if __name__ == "__main__":
+    main()
