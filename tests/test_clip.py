@@ -319,6 +319,31 @@ def test_index_of_false_is_boolean_indexing_with_a_static_shape(B, N, n_masked):
     assert torch.equal(clip.gather_rows(x, idx), x[~mask].reshape(B, N - n_masked, 5))
 
 
+def test_drop_mode_equals_boolean_indexing_bit_for_bit():
+    """The static-shape gather gives what boolean indexing gave (the code before it), output and
+    gradients, bit for bit: a reference written with x[~mask] here."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(small_config(stem="linear"))
+    images = torch.randn(2, 3, 64, 64)
+    mask = equal_count_mask(2, 256, 192, seed=3)
+
+    def reference_embed(images):
+        x = vit.stem(images).flatten(2).transpose(1, 2) + vit.pos_embed[1:]       # [B, N, D]
+        x = x[~mask].reshape(2, 64, -1)                                            # boolean indexing
+        cls = (vit.cls_token + vit.pos_embed[0]).expand(2, 1, -1)
+        return vit.ln_pre(torch.cat([cls, x], dim=1))
+
+    outs, grads = [], []
+    for fn in (reference_embed, lambda im: vit.embed(im, mask, "drop", num_masked=192)):
+        vit.zero_grad()
+        out = fn(images)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in vit.parameters() if p.grad is not None])
+    assert torch.equal(outs[0], outs[1])
+    assert len(grads[0]) == len(grads[1]) > 0 and all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_drop_mode_with_a_given_count_is_bit_identical():
     """num_masked only replaces the count read from the mask: same output, same gradients, bit for bit."""
     torch.manual_seed(0)

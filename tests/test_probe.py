@@ -65,16 +65,23 @@ def test_fit_reaches_the_optimum_and_separable_features_segment_perfectly():
     directions = torch.nn.functional.normalize(torch.randn(C, E, generator=g), dim=-1)
     feats = directions[patch_labels] + 0.05 * torch.randn(n, h, w, E, generator=g)
     labels = patch_labels.repeat_interleave(p, 1).repeat_interleave(p, 2)          # [n, 8, 8]
+    labels[0, :2, :2] = 255                  # patch (0, 0) of image 0 unlabelled: left out entirely
+    labels[1, 0, 0] = 255                    # one unlabelled pixel
     wd = 1e-3
-    W, b = probe.fit_probe(feats, labels, C, wd)
-    # the objective is fitted on standardised features (mean 0, std 1 per dimension); undo the
-    # folding by hand and check that its gradient there (by autograd, independently) is ~0
-    X = feats.reshape(-1, E).double()
-    mean, std = X.mean(0), X.std(0)
+    info = {}
+    W, b = probe.fit_probe(feats, labels, C, wd, info=info)
+    assert info["grad_norm"] < 1e-5 and 0 < info["lbfgs_iterations"] <= 300
+    # the objective is fitted on standardised features (mean 0, std 1 per dimension, over the
+    # patches with labels); undo the folding by hand and check that its gradient there (by
+    # autograd, independently) is ~0
     q, count = probe.patch_class_fractions(labels, (h, w), C)
+    keep = count.reshape(-1) > 0
+    assert int(keep.sum()) == n * h * w - 1
+    X = feats.reshape(-1, E).double()[keep]
+    mean, std = X.mean(0), X.std(0)
     W_std = (W.double() * std).requires_grad_()
     b_std = (b.double() + W.double() @ mean).requires_grad_()
-    loss = probe.probe_loss(W_std, b_std, (X - mean) / std, q.reshape(-1, C), count.reshape(-1), wd)
+    loss = probe.probe_loss(W_std, b_std, (X - mean) / std, q.reshape(-1, C)[keep], count.reshape(-1)[keep], wd)
     loss.backward()
     assert W_std.grad.abs().max() < 1e-5 and b_std.grad.abs().max() < 1e-5
     # separable features: every patch right; bilinear upsampling blends neighbouring patches'
@@ -85,33 +92,45 @@ def test_fit_reaches_the_optimum_and_separable_features_segment_perfectly():
     assert probe.score(patch_labels, patch_labels, C, background_index=0)["miou"] == 100.0
 
 
-def test_choose_wd_uses_only_the_fit_images_given(monkeypatch):
-    seen = []
-    real_fit = probe.fit_probe
-
-    def spy(feats, labels, num_classes, wd, max_iter=300):
-        seen.append(feats.shape[0])
-        return real_fit(feats, labels, num_classes, wd, max_iter)
-    monkeypatch.setattr(probe, "fit_probe", spy)
+def test_choose_wd_fits_on_80_percent_and_scores_the_other_20(monkeypatch):
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(10, 2, 2, 4, generator=g)
     labels = torch.randint(0, 3, (10, 4, 4), generator=g)
     wd, scores = probe.choose_wd(feats, labels, 3, background_index=0, grid=(1e-4, 1e-2))
-    assert seen == [8, 8]                                   # fitted on 80%, scored on the other 20%
-    assert wd in (1e-4, 1e-2) and scores[wd] == max(scores.values())
+    for v in (1e-4, 1e-2):                                   # recomputed by hand from the parts
+        W, b = probe.fit_probe(feats[:8], labels[:8], 3, v)
+        pred = probe.probe_predict(feats[8:], W, b, (4, 4))
+        assert scores[v] == probe.score(pred, labels[8:], 3, 0)["miou"]
+    assert scores[wd] == max(scores.values())
+    # ties go to the larger (safer) wd
+    monkeypatch.setattr(probe, "score", lambda *a, **k: {"miou": 50.0})
+    assert probe.choose_wd(feats, labels, 3, 0, grid=(1e-4, 1e-2))[0] == 1e-2
 
 
-def test_cli_on_a_tiny_checkpoint(tmp_path):
+def test_cli_fits_on_tune_and_scores_val(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg = CLIPConfig(image_size=32, patch_size=8, stem="linear", vision_width=32, vision_layers=1,
                      vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": CLIP(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)}, path)
-    results = probe.main(["--ckpt", str(path), "--max_images", "10", "--wd", "1e-4"])
-    r = json.loads((tmp_path / "probe_naive.json").read_text())
+    # which split's features reach the fit, and which are scored
+    source, fitted, predicted = {}, [], []
+    real_extract, real_fit, real_predict = probe.extract_features, probe.fit_probe, probe.probe_predict
+
+    def extract(model, ds, *a, **k):
+        f, y = real_extract(model, ds, *a, **k)
+        source[id(f)] = ds.name
+        return f, y
+    monkeypatch.setattr(probe, "extract_features", extract)
+    monkeypatch.setattr(probe, "fit_probe", lambda f, *a, **k: fitted.append(source[id(f)]) or real_fit(f, *a, **k))
+    monkeypatch.setattr(probe, "probe_predict", lambda f, *a, **k: predicted.append(source[id(f)]) or real_predict(f, *a, **k))
+    results = probe.main(["--ckpt", str(path), "--max_images", "10", "--wd", "1e-3"])
+    assert fitted == ["shapes-tune"] and predicted == ["shapes-val"]
+    r = json.loads((tmp_path / "probe_naive_tune-val_wd0.001_n10.json").read_text())
     assert r["miou"] == results[str(path)]["miou"] and r["num_fit"] == 10 and r["num_eval"] == 10
-    assert r["class_names"][0] == "background" and len(r["iou"]) == 9
-    with pytest.raises(SystemExit):
-        probe.main(["--ckpt", str(tmp_path / "missing.pt")])
-    with pytest.raises(SystemExit):
-        probe.main(["--ckpt", str(path), "--eval_split", "tune"])
+    assert r["class_names"][0] == "background" and len(r["iou"]) == 9 and r["wd"] == 1e-3
+    for bad in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(tmp_path)],
+                ["--ckpt", str(path), "--eval_split", "tune"], ["--ckpt", str(path), "--wd", "-1"],
+                ["--ckpt", str(path), "--max_images", "0"]):
+        with pytest.raises(SystemExit):
+            probe.main(bad)

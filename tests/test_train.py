@@ -207,21 +207,28 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
     assert "/nonexistent" in p.stderr + p.stdout
 
 
-def test_torch_compile_training_step_matches_eager():
+@pytest.mark.parametrize("method", ["clip", "maskclip"])
+def test_torch_compile_training_step_matches_eager(method):
     """--compile wraps the Pretrainer in torch.compile: one training step (loss and every gradient)
-    must match eager on the same batch."""
+    must match eager on the same batch. maskclip: the masked branch in drop mode (static-shape
+    gathers and scatter, compiled by inductor, backward included)."""
     import copy
-    from data import MultiCrop, ShapesDataset, collate
-    cfg = train.resolve_method_defaults(train.parse_args(SMALL + ["--method=clip"]))
+    from data import build_train_data
+    from ema import make_teacher
+    cfg = train.resolve_method_defaults(train.parse_args(SMALL + [f"--method={method}"]))
     clip_cfg, tok = train.build_model_config(cfg)
     torch.manual_seed(0)
     eager = train.Pretrainer(cfg, clip_cfg)
     compiled_raw = copy.deepcopy(eager)
     compiled = torch.compile(compiled_raw)
-    ds = ShapesDataset("tune", transform=MultiCrop(64, clip_cfg.patch_size, n_global=1, n_local=0))
-    batch = collate([ds[i] for i in range(8)], tok)
-    out_e = eager(batch)
-    out_c = compiled(batch)
+    dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tok)
+    batch = collate_fn([dataset[i] for i in range(8)])
+    t_out, temp = None, 0.04
+    if eager.use_mask:
+        train.add_masks(batch, cfg, clip_cfg, step=0, chunk=0, n_chunks=1)
+        t_out = train.teacher_forward(make_teacher(eager.image_student()), batch, eager.use_sd, eager.use_mask)
+    out_e = eager(batch, t_out, temp)
+    out_c = compiled(batch, t_out, temp)
     out_e["loss"].backward()
     out_c["loss"].backward()
     assert out_c["loss"].item() == pytest.approx(out_e["loss"].item(), abs=1e-5)
@@ -237,7 +244,7 @@ def test_torch_compile_training_step_matches_eager():
 def test_masked_training_step_traces_as_one_graph(method):
     """The masked branch (drop mode for maskclip, mask tokens for silc+maskclip) must compile as ONE
     graph: boolean indexing or a .item() on the mask would make torch.compile break it into pieces
-    (11 graphs for maskclip before the static-shape gathers). torch._dynamo.explain only traces."""
+    (12 graphs, 11 breaks, for maskclip before the static-shape gathers). torch._dynamo.explain only traces."""
     from data import build_train_data
     from ema import make_teacher
     cfg = train.resolve_method_defaults(train.parse_args(SMALL + [f"--method={method}", "--n_local_crops=2"]))
