@@ -10,6 +10,9 @@ Each run is a subprocess of train.py (so the ablation measures exactly what anyo
 and is read back from its metrics.json (train.py's final evaluation on the shapes data: zero-shot
 classification, image<->text retrieval R@1, zero-shot segmentation mIoU and foreground-only mIoU
 with naive and MaskCLIP-trick dense features) and its log.jsonl (training throughput).
+Then probe.py fits a dense linear probe on the run's patch features (naive and MaskCLIP trick:
+fitted on the tune split, scored on val), which tells apart "the patch features do not know the
+classes" from "they know them but do not line up with the class names" (--no_probe skips it).
 
 Aggregation over seeds, per method and metric: mean, sample standard deviation (n - 1 in the
 denominator; 0 with one seed), min and max. Percent everywhere: accuracy and recall are
@@ -62,6 +65,13 @@ METRICS = {
     "zeroshot_acc": ("zero-shot acc", 100.0),
     "i2t_r1": ("I->T R@1", 100.0),
     "t2i_r1": ("T->I R@1", 100.0),
+}
+# dense linear probe (probe.py, run on each run's checkpoint): key -> (column title, dense mode, field)
+PROBE = {
+    "probe_miou_naive": ("probe mIoU naive", "naive", "miou"),
+    "probe_fg_miou_naive": ("probe fg-mIoU naive", "naive", "fg_miou"),
+    "probe_miou_maskclip": ("probe mIoU MaskCLIP", "maskclip", "miou"),
+    "probe_fg_miou_maskclip": ("probe fg-mIoU MaskCLIP", "maskclip", "fg_miou"),
 }
 COST = {"sec_per_step": ("s/step", 1.0), "wall_s": ("wall s", 1.0)}
 EQTIME = "clip_eqtime"          # the label (and folder prefix) of the equal-wall-clock CLIP runs
@@ -176,7 +186,35 @@ def read_run(out_dir, cmd):
         with open(info) as f:
             wall = json.load(f).get("wall_s")
     row["wall_s"] = wall
+    for key, (_, dense, field) in PROBE.items():
+        row[key] = None
+        probe_path = os.path.join(out_dir, f"probe_{dense}.json")
+        if os.path.exists(probe_path):
+            with open(probe_path) as f:
+                row[key] = json.load(f).get(field)
     return row
+
+
+def probe_commands(out_dir, python=sys.executable):
+    """probe.py's commands for a finished run whose probe results are missing (one per dense mode)."""
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    return [[python, os.path.join(ROOT, "probe.py"), f"--ckpt={ckpt}", f"--dense={dense}"]
+            for dense in sorted({d for _, d, _ in PROBE.values()})
+            if not os.path.exists(os.path.join(out_dir, f"probe_{dense}.json"))]
+
+
+def run_probes(out_dir, dry_run=False, threads=0):
+    """Run the missing dense linear probes of one run (output appended to train_output.txt).
+    Returns False if one failed."""
+    ok = True
+    for cmd in probe_commands(out_dir):
+        if dry_run:
+            print(" ".join(cmd))
+            continue
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
+        with open(os.path.join(out_dir, "train_output.txt"), "a") as f:
+            ok &= subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode == 0
+    return ok
 
 
 def equal_time_steps(steps, clip_sec_per_step, silc_sec_per_step):
@@ -200,7 +238,7 @@ def aggregate(values):
     return {"mean": statistics.mean(v), "std": std, "min": min(v), "max": max(v), "n": len(v)}
 
 
-def summarize(runs, keys=tuple(METRICS) + tuple(COST)):
+def summarize(runs, keys=tuple(METRICS) + tuple(PROBE) + tuple(COST)):
     """runs: {label: [run dict per seed]} -> {label: {metric: aggregate}}."""
     return {label: {k: aggregate([r.get(k) for r in rows]) for k in keys} for label, rows in runs.items()}
 
@@ -214,7 +252,7 @@ def fmt_cell(a, digits=1):
 
 def markdown_table(summary, keys=tuple(METRICS) + tuple(COST), steps=None):
     """One row per method (label): 'mean ± std [min–max]' per metric, n = seeds."""
-    titles = {**METRICS, **COST}
+    titles = {**METRICS, **PROBE, **COST}
     head = ["method", "steps", "seeds"] + [titles[k][0] for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, agg in summary.items():
@@ -270,7 +308,7 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
             d.line([(cx, y_of(a["min"])), (cx, y_of(a["max"]))], fill="black", width=1)
             for v in (a["min"], a["max"]):
                 d.line([(cx - 4, y_of(v)), (cx + 4, y_of(v))], fill="black", width=1)
-        name = METRICS.get(key, COST.get(key, (key,)))[0]
+        name = {**METRICS, **PROBE, **COST}.get(key, (key,))[0]
         d.text((x0 + len(labels) * 11, top + plot_h + 8), name, fill="black", font=font, anchor="mt")
     # title and legend
     d.text((left, 8), title or "bars: mean over seeds; whiskers: min-max", fill="black", font=font)
@@ -309,6 +347,8 @@ def parse_args(argv=None):
                    help="train.py runs at once, each with cores/jobs threads: more total throughput on "
                         "a small CPU (2 one-thread runs on 2 cores did 2 x 38 samples/s against 63 for one "
                         "two-thread run), but the s/step and wall columns then time a shared machine")
+    p.add_argument("--no_probe", dest="probe", action="store_false",
+                   help="skip the dense linear probe (probe.py) of each finished run")
     p.add_argument("--force", action="store_true", help="rerun runs whose metrics.json exists")
     p.add_argument("--dry_run", action="store_true", help="print the train.py commands, run nothing")
     p.add_argument("--report_only", action="store_true", help="run nothing; summarise what exists")
@@ -353,6 +393,10 @@ def main(argv=None):
                 print(f"  see {os.path.join(out, 'train_output.txt')}")
         elif status == "skipped":
             print(f"{label} seed {seed}: metrics.json exists, skipped ({out})")
+        if args.probe and status in ("ok", "skipped", "dry_run"):
+            # the dense linear probe of the finished run (probe.py), unless its results exist
+            if not run_probes(out, dry_run=args.dry_run, threads=threads):
+                print(f"  probe failed: see {os.path.join(out, 'train_output.txt')}")
 
     # args.jobs threads, each waiting on one train.py subprocess at a time (1 job: in plan order)
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -409,7 +453,11 @@ def main(argv=None):
                          f"--eval_split={args.eval_split}"] + (["--equal_time"] if args.equal_time else [])
                         + ([f"--jobs={args.jobs}"] if args.jobs > 1 else [])
                         + (["--", extra_txt] if extra else []))
-    table = markdown_table(summary, steps=steps_of)
+    table = markdown_table(summary, keys=tuple(METRICS) + tuple(COST), steps=steps_of)
+    has_probe = any(a["n"] for agg in summary.values() for k, a in agg.items() if k in PROBE)
+    if has_probe:
+        table += "\n\nDense linear probe (probe.py: fitted on the tune split, scored on val):\n\n"
+        table += markdown_table(summary, keys=tuple(PROBE), steps=steps_of)
     note = ("Cells: mean ± sample std [min–max] over seeds, percent (mIoU from eval_seg.py; accuracy "
             f"and R@1 x 100); s/step from train.py's log; wall s includes start-up and evaluation. "
             f"Split: {args.eval_split}.")
@@ -421,7 +469,7 @@ def main(argv=None):
     with open(md_path, "w") as f:
         f.write(f"Command: `{cmd_line}`\n\n{table}\n\n{note}\n")
     eq = f" ({EQTIME}: {eq_steps})" if eq_steps else ""
-    draw_chart(summary, png_path, title=f"shapes {args.eval_split} split, {args.steps} steps{eq}; "
+    draw_chart(summary, png_path, keys=tuple(METRICS) + (tuple(PROBE) if has_probe else ()), title=f"shapes {args.eval_split} split, {args.steps} steps{eq}; "
                                         f"bars: mean, whiskers: min-max over seeds (percent)")
     with open(json_path, "w") as f:
         json.dump({"command": cmd_line, "eval_split": args.eval_split, "steps": args.steps,

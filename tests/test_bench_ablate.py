@@ -203,6 +203,26 @@ def test_report_from_existing_runs(tmp_path):
         assert json.load(f)["clip_steps"] == 20                                # silc is 2x slower
 
 
+def test_probe_results_are_read_and_missing_probes_listed(tmp_path):
+    root = str(tmp_path)
+    for seed, fg in enumerate([4.0, 6.0]):
+        _fake_run(root, "silc", seed, {"miou_naive": 1.0}, [64.0])
+        out = ablate.run_dir(root, "silc", seed)
+        with open(os.path.join(out, "probe_naive.json"), "w") as f:
+            json.dump({"miou": 20.0 + seed, "fg_miou": fg}, f)
+        # naive done, maskclip missing: one probe.py command left, for the maskclip features
+        cmds = ablate.probe_commands(out)
+        assert len(cmds) == 1 and cmds[0][1].endswith("probe.py") and "--dense=maskclip" in cmds[0]
+        assert f"--ckpt={os.path.join(out, 'ckpt.pt')}" in cmds[0]
+    summary = ablate.main(["--report_only", "--methods=silc", "--seeds=0,1", f"--out_root={root}", "--steps=10"])
+    assert summary["silc"]["probe_miou_naive"]["mean"] == pytest.approx(20.5)
+    assert summary["silc"]["probe_fg_miou_naive"]["min"] == pytest.approx(4.0)
+    assert summary["silc"]["probe_miou_maskclip"]["n"] == 0
+    with open(os.path.join(root, "ablation.md")) as f:
+        md = f.read()
+    assert "Dense linear probe" in md and "20.5 ± 0.7 [20.0–21.0]" in md
+
+
 def test_launch_skips_and_records(tmp_path):
     out = str(tmp_path / "run")
     # a stand-in for train.py that writes a metrics.json
