@@ -243,6 +243,26 @@ def summarize(runs, keys=tuple(METRICS) + tuple(PROBE) + tuple(COST)):
     return {label: {k: aggregate([r.get(k) for r in rows]) for k in keys} for label, rows in runs.items()}
 
 
+def paired_differences(runs, base="clip", keys=tuple(METRICS) + tuple(PROBE)):
+    """Per-seed differences to the base method: {label: {metric: aggregate of m(label, s) - m(base, s)}}
+    over the seeds both have. The same seed means the same initial CLIP weights and the same image
+    order, so a paired difference removes the seed-to-seed spread that both methods share."""
+    if base not in runs:
+        return {}
+    base_by_seed = {r["seed"]: r for r in runs[base]}
+    out = {}
+    for label, rows in runs.items():
+        if label == base:
+            continue
+        out[label] = {}
+        for k in keys:
+            diffs = [r[k] - base_by_seed[r["seed"]][k] for r in rows
+                     if r["seed"] in base_by_seed and r.get(k) is not None
+                     and base_by_seed[r["seed"]].get(k) is not None]
+            out[label][k] = dict(aggregate(diffs), wins=sum(d > 0 for d in diffs))
+    return out
+
+
 def fmt_cell(a, digits=1):
     if a["n"] == 0:
         return "n/a"
@@ -256,7 +276,7 @@ def markdown_table(summary, keys=tuple(METRICS) + tuple(COST), steps=None):
     head = ["method", "steps", "seeds"] + [titles[k][0] for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, agg in summary.items():
-        n = max(a["n"] for a in agg.values())
+        n = max(agg[k]["n"] for k in keys)                  # seeds with a value in these columns
         s = "" if steps is None else str(steps.get(label, ""))
         cells = [fmt_cell(agg[k], 2 if k == "sec_per_step" else (0 if k == "wall_s" else 1)) for k in keys]
         lines.append("| " + " | ".join([label, s, str(n)] + cells) + " |")
@@ -458,6 +478,20 @@ def main(argv=None):
     if has_probe:
         table += "\n\nDense linear probe (probe.py: fitted on the tune split, scored on val):\n\n"
         table += markdown_table(summary, keys=tuple(PROBE), steps=steps_of)
+    paired = paired_differences(runs)
+    if paired:
+        keys = [k for k in tuple(METRICS) + tuple(PROBE) if any(p[k]["n"] for p in paired.values())]
+        titles = {**METRICS, **PROBE}
+        head = ["method − clip", "seeds"] + [titles[k][0] for k in keys]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label, agg in paired.items():
+            n = max(a["n"] for a in agg.values())
+            cells = [f"{fmt_cell(agg[k])} ({agg[k]['wins']}/{agg[k]['n']} > 0)" if agg[k]["n"] else "n/a"
+                     for k in keys]
+            lines.append("| " + " | ".join([label, str(n)] + cells) + " |")
+        table += ("\n\nPaired by seed (same seed = same initial weights and image order): the difference "
+                  "to clip, mean ± std [min–max] over seeds, and on how many seeds it is positive:\n\n"
+                  + "\n".join(lines))
     note = ("Cells: mean ± sample std [min–max] over seeds, percent (mIoU from eval_seg.py; accuracy "
             f"and R@1 x 100); s/step from train.py's log; wall s includes start-up and evaluation. "
             f"Split: {args.eval_split}.")
@@ -473,7 +507,8 @@ def main(argv=None):
                                         f"bars: mean, whiskers: min-max over seeds (percent)")
     with open(json_path, "w") as f:
         json.dump({"command": cmd_line, "eval_split": args.eval_split, "steps": args.steps,
-                   "equal_time_clip_steps": eq_steps, "extra": extra, "summary": summary, "runs": runs},
+                   "equal_time_clip_steps": eq_steps, "extra": extra, "summary": summary,
+                   "paired_vs_clip": paired, "runs": runs},
                   f, indent=2)
     print(f"\n{table}\n\n{note}\nwrote {md_path}, {png_path}, {json_path}")
     return summary

@@ -201,6 +201,8 @@ def test_report_from_existing_runs(tmp_path):
         assert os.path.exists(os.path.join(root, f"ablation.{ext}"))
     with open(os.path.join(root, "equal_time.json")) as f:
         assert json.load(f)["clip_steps"] == 20                                # silc is 2x slower
+    with open(os.path.join(root, "ablation.md")) as f:                        # silc - clip = +5 on both seeds
+        assert "5.0 ± 0.0 [5.0–5.0] (2/2 > 0)" in f.read()
 
 
 def test_probe_results_are_read_and_missing_probes_listed(tmp_path):
@@ -221,6 +223,18 @@ def test_probe_results_are_read_and_missing_probes_listed(tmp_path):
     with open(os.path.join(root, "ablation.md")) as f:
         md = f.read()
     assert "Dense linear probe" in md and "20.5 ± 0.7 [20.0–21.0]" in md
+
+
+def test_paired_differences_by_hand():
+    runs = {"clip": [{"seed": 0, "m": 10.0}, {"seed": 1, "m": 2.0}, {"seed": 2, "m": 5.0}],
+            "silc": [{"seed": 1, "m": 3.0}, {"seed": 0, "m": 9.0}, {"seed": 2, "m": 8.0}],
+            "maskclip": [{"seed": 0, "m": None}, {"seed": 3, "m": 1.0}]}
+    paired = ablate.paired_differences(runs, keys=("m",))
+    d = paired["silc"]["m"]                      # differences by seed: -1, +1, +3
+    assert (d["n"], d["wins"], d["min"], d["max"]) == (3, 2, -1.0, 3.0)
+    assert d["mean"] == pytest.approx(1.0) and d["std"] == pytest.approx(2.0)
+    assert paired["maskclip"]["m"]["n"] == 0     # no seed with a value in both
+    assert "clip" not in paired and ablate.paired_differences({"silc": runs["silc"]}, keys=("m",)) == {}
 
 
 def test_launch_skips_and_records(tmp_path):
