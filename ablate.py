@@ -295,7 +295,9 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
         font = ImageFont.load_default(size=13)
     except TypeError:                                        # Pillow < 10.1: fixed bitmap font
         font = ImageFont.load_default()
-    group_w = max(30 + 22 * len(labels), 120)                # room for a label like "fg-mIoU MaskCLIP"
+    names = {**METRICS, **PROBE, **COST}
+    widest = max((font.getlength(names.get(k, (k,))[0]) for k in keys), default=0)
+    group_w = max(30 + 22 * len(labels), 120, int(widest) + 16)   # room for the widest group label
     left, right, top, bottom = 50, 20, 60, 60
     width = width or left + right + group_w * len(keys)
     img = Image.new("RGB", (width, height), "white")
@@ -328,7 +330,7 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
             d.line([(cx, y_of(a["min"])), (cx, y_of(a["max"]))], fill="black", width=1)
             for v in (a["min"], a["max"]):
                 d.line([(cx - 4, y_of(v)), (cx + 4, y_of(v))], fill="black", width=1)
-        name = {**METRICS, **PROBE, **COST}.get(key, (key,))[0]
+        name = names.get(key, (key,))[0]
         d.text((x0 + len(labels) * 11, top + plot_h + 8), name, fill="black", font=font, anchor="mt")
     # title and legend
     d.text((left, 8), title or "bars: mean over seeds; whiskers: min-max", fill="black", font=font)
