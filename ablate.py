@@ -74,6 +74,7 @@ PROBE = {
     "probe_fg_miou_maskclip": ("probe fg-mIoU MaskCLIP", "maskclip", "fg_miou"),
 }
 COST = {"sec_per_step": ("s/step", 1.0), "wall_s": ("wall s", 1.0)}
+TITLES = {k: v[0] for k, v in {**METRICS, **PROBE, **COST}.items()}   # column / chart-group titles
 EQTIME = "clip_eqtime"          # the label (and folder prefix) of the equal-wall-clock CLIP runs
 RESERVED = ("method", "seed", "steps", "out_dir", "eval_split", "resume")   # set by ablate.py itself
 
@@ -186,12 +187,14 @@ def read_run(out_dir, cmd):
         with open(info) as f:
             wall = json.load(f).get("wall_s")
     row["wall_s"] = wall
-    for key, (_, dense, field) in PROBE.items():
-        row[key] = None
+    probes = {}                                              # dense mode -> probe.py's result
+    for dense in {d for _, d, _ in PROBE.values()}:
         probe_path = os.path.join(out_dir, f"probe_{dense}.json")
         if os.path.exists(probe_path):
             with open(probe_path) as f:
-                row[key] = json.load(f).get(field)
+                probes[dense] = json.load(f)
+    for key, (_, dense, field) in PROBE.items():
+        row[key] = probes.get(dense, {}).get(field)
     return row
 
 
@@ -272,14 +275,27 @@ def fmt_cell(a, digits=1):
 
 def markdown_table(summary, keys=tuple(METRICS) + tuple(COST), steps=None):
     """One row per method (label): 'mean ± std [min–max]' per metric, n = seeds."""
-    titles = {**METRICS, **PROBE, **COST}
-    head = ["method", "steps", "seeds"] + [titles[k][0] for k in keys]
+    head = ["method", "steps", "seeds"] + [TITLES[k] for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, agg in summary.items():
         n = max(agg[k]["n"] for k in keys)                  # seeds with a value in these columns
         s = "" if steps is None else str(steps.get(label, ""))
         cells = [fmt_cell(agg[k], 2 if k == "sec_per_step" else (0 if k == "wall_s" else 1)) for k in keys]
         lines.append("| " + " | ".join([label, s, str(n)] + cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(paired):
+    """paired_differences as markdown: 'mean ± std [min–max] (wins/n > 0)' per metric that any
+    method has, one row per method."""
+    keys = [k for k in tuple(METRICS) + tuple(PROBE) if any(p[k]["n"] for p in paired.values())]
+    head = ["method − clip", "seeds"] + [TITLES[k] for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, agg in paired.items():
+        n = max(a["n"] for a in agg.values())
+        cells = [f"{fmt_cell(agg[k])} ({agg[k]['wins']}/{agg[k]['n']} > 0)" if agg[k]["n"] else "n/a"
+                 for k in keys]
+        lines.append("| " + " | ".join([label, str(n)] + cells) + " |")
     return "\n".join(lines)
 
 
@@ -295,8 +311,7 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
         font = ImageFont.load_default(size=13)
     except TypeError:                                        # Pillow < 10.1: fixed bitmap font
         font = ImageFont.load_default()
-    names = {**METRICS, **PROBE, **COST}
-    widest = max((font.getlength(names.get(k, (k,))[0]) for k in keys), default=0)
+    widest = max((font.getlength(TITLES.get(k, k)) for k in keys), default=0)
     group_w = max(30 + 22 * len(labels), 120, int(widest) + 16)   # room for the widest group label
     left, right, top, bottom = 50, 20, 60, 60
     width = width or left + right + group_w * len(keys)
@@ -330,7 +345,7 @@ def draw_chart(summary, path, keys=tuple(METRICS), title="", width=None, height=
             d.line([(cx, y_of(a["min"])), (cx, y_of(a["max"]))], fill="black", width=1)
             for v in (a["min"], a["max"]):
                 d.line([(cx - 4, y_of(v)), (cx + 4, y_of(v))], fill="black", width=1)
-        name = names.get(key, (key,))[0]
+        name = TITLES.get(key, key)
         d.text((x0 + len(labels) * 11, top + plot_h + 8), name, fill="black", font=font, anchor="mt")
     # title and legend
     d.text((left, 8), title or "bars: mean over seeds; whiskers: min-max", fill="black", font=font)
@@ -482,18 +497,9 @@ def main(argv=None):
         table += markdown_table(summary, keys=tuple(PROBE), steps=steps_of)
     paired = paired_differences(runs)
     if paired:
-        keys = [k for k in tuple(METRICS) + tuple(PROBE) if any(p[k]["n"] for p in paired.values())]
-        titles = {**METRICS, **PROBE}
-        head = ["method − clip", "seeds"] + [titles[k][0] for k in keys]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for label, agg in paired.items():
-            n = max(a["n"] for a in agg.values())
-            cells = [f"{fmt_cell(agg[k])} ({agg[k]['wins']}/{agg[k]['n']} > 0)" if agg[k]["n"] else "n/a"
-                     for k in keys]
-            lines.append("| " + " | ".join([label, str(n)] + cells) + " |")
         table += ("\n\nPaired by seed (same seed = same initial weights and image order): the difference "
                   "to clip, mean ± std [min–max] over seeds, and on how many seeds it is positive:\n\n"
-                  + "\n".join(lines))
+                  + paired_table(paired))
     note = ("Cells: mean ± sample std [min–max] over seeds, percent (mIoU from eval_seg.py; accuracy "
             f"and R@1 x 100); s/step from train.py's log; wall s includes start-up and evaluation. "
             f"Split: {args.eval_split}.")
@@ -505,8 +511,9 @@ def main(argv=None):
     with open(md_path, "w") as f:
         f.write(f"Command: `{cmd_line}`\n\n{table}\n\n{note}\n")
     eq = f" ({EQTIME}: {eq_steps})" if eq_steps else ""
-    draw_chart(summary, png_path, keys=tuple(METRICS) + (tuple(PROBE) if has_probe else ()), title=f"shapes {args.eval_split} split, {args.steps} steps{eq}; "
-                                        f"bars: mean, whiskers: min-max over seeds (percent)")
+    draw_chart(summary, png_path, keys=tuple(METRICS) + (tuple(PROBE) if has_probe else ()),
+               title=f"shapes {args.eval_split} split, {args.steps} steps{eq}; "
+                     f"bars: mean, whiskers: min-max over seeds (percent)")
     with open(json_path, "w") as f:
         json.dump({"command": cmd_line, "eval_split": args.eval_split, "steps": args.steps,
                    "equal_time_clip_steps": eq_steps, "extra": extra, "summary": summary,

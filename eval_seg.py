@@ -458,6 +458,11 @@ class ConfusionMatrix:
         self.counts += torch.bincount(target * C + pred, minlength=C * C).view(C, C)
 
 
+def to_percent(v):
+    """A metric fraction -> percent, rounded to 4 decimals; None or NaN (no union) -> None."""
+    return None if v is None or math.isnan(v) else round(100 * v, 4)
+
+
 def miou_from_confusion(counts, background_index=None):
     """Confusion counts [C, C] (rows = truth) -> dict of metrics (fractions; NaN IoU = absent class).
 
@@ -962,9 +967,7 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     model.train(was_training)
 
     m = miou_from_confusion(conf.counts, bg)
-
-    def pct(v):                                        # fraction -> percent; NaN (no union) -> None
-        return None if v is None or math.isnan(v) else round(100 * v, 4)
+    pct = to_percent
 
     # Display names: each class's first name, "background" for the background class (VOC21's
     # background prompts start with "sky"), made unique if a class list repeats a name.

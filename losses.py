@@ -76,7 +76,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import Block, index_of_false, init_blocks_
+from clip import Block, gather_rows, index_of_false, init_blocks_
 
 # Token ids of the byte tokenizer (data.py): PAD 0, SOT 1, EOT 2, MASK 3, byte b -> b + 4.
 PAD_ID, SOT_ID, EOT_ID, MASK_ID = 0, 1, 2, 3
@@ -400,9 +400,9 @@ class MaskedDistillLoss(nn.Module):
         if num_masked is None:
             t_m, s_m = t[mask], student_logits[mask]                                 # [M, K]
         else:   # the same rows as t[mask], in the same (row-major) order, with a static M = B * n
-            idx = index_of_false(~mask, num_masked).unsqueeze(-1)                   # [B, n, 1]
-            t_m = torch.gather(t, 1, idx.expand(-1, -1, t.shape[-1])).flatten(0, 1)
-            s_m = torch.gather(student_logits, 1, idx.expand(-1, -1, t.shape[-1])).flatten(0, 1)
+            idx = index_of_false(~mask, num_masked)                                  # [B, n]
+            t_m = gather_rows(t, idx).flatten(0, 1)                                  # [M, K]
+            s_m = gather_rows(student_logits, idx).flatten(0, 1)                     # [M, K]
         p_t = F.softmax((t_m - self.center) / teacher_temp, dim=-1)                  # [M, K]
         ce = _soft_cross_entropy(s_m, p_t, self.student_temp)                        # [M]
         loss = _global_mean(ce.sum(), mask.sum())

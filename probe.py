@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from eval_seg import (IGNORE_INDEX, ConfusionMatrix, dense_features, load_dataset, load_model_from_checkpoint,
-                      miou_from_confusion, preprocess)
+                      miou_from_confusion, preprocess, to_percent)
 
 WD_GRID = (1e-5, 1e-4, 1e-3)
 DEFAULT_WD = 1e-4
@@ -155,11 +155,8 @@ def score(pred, labels, num_classes, background_index):
     conf = ConfusionMatrix(num_classes)
     conf.update(pred, labels)
     m = miou_from_confusion(conf.counts, background_index)
-
-    def pct(v):
-        return None if v is None or math.isnan(v) else round(100 * v, 4)
-    return {"miou": pct(m["miou"]), "fg_miou": pct(m.get("fg_miou")),
-            "pixel_acc": pct(m["pixel_acc"]), "iou": [pct(v) for v in m["iou"]]}
+    return {"miou": to_percent(m["miou"]), "fg_miou": to_percent(m.get("fg_miou")),
+            "pixel_acc": to_percent(m["pixel_acc"]), "iou": [to_percent(v) for v in m["iou"]]}
 
 
 def choose_wd(feats, labels, num_classes, background_index, grid=WD_GRID, hold_out=0.2):
