@@ -65,6 +65,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -208,7 +209,9 @@ def make_config(size, method, args, device):
     """train.Config of one benchmark configuration (method defaults resolved)."""
     cfg = train.Config(model=size, method=method, batch_size=args.batch_size, device=str(device),
                        image_size=args.image_size or DEFAULT_IMAGE_SIZE.get(size, 224),
-                       n_local_crops=args.n_local_crops, eval=False, loss=args.loss)
+                       n_local_crops=args.n_local_crops, eval=False, loss=args.loss,
+                       head_hidden=args.head_hidden, head_bottleneck=args.head_bottleneck,
+                       head_out=args.head_out)
     return train.resolve_method_defaults(cfg)
 
 
@@ -429,6 +432,21 @@ def bench_open_clip(size, compiled, args, device):
 # -----------------------------------------------------------------------------------------------
 # main
 # -----------------------------------------------------------------------------------------------
+def summary(args, peak_tflops, peak_src, rows, cost=(), parity=(), scaling=()):
+    """Everything bench.py measured, as one JSON-ready dict."""
+    return {"device": args.device_name, "peak_tflops": peak_tflops, "peak_source": peak_src,
+            "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
+            "results": rows, "cost_vs_clip": list(cost), "open_clip": list(parity), "scaling": list(scaling)}
+
+
+def write_json(path, obj):
+    """Write obj to path atomically (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -437,6 +455,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--image_size", type=int, default=0, help="0 = 64 for tiny, 224 for S/16 and B/16")
     p.add_argument("--n_local_crops", type=int, default=train.Config.n_local_crops)
+    p.add_argument("--head_hidden", type=int, default=train.Config.head_hidden,
+                   help="DINO head sizes (train.py's CPU defaults; DINO at scale: 2048 / 256 / 65536)")
+    p.add_argument("--head_bottleneck", type=int, default=train.Config.head_bottleneck)
+    p.add_argument("--head_out", type=int, default=train.Config.head_out)
     p.add_argument("--loss", default="softmax", choices=("softmax", "sigmoid"))
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
@@ -493,8 +515,12 @@ def main(argv=None):
                 if r.get("error"):
                     print(f"  {size} {method} {r['mode']}: {r['error']}")
                 else:
+                    m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
                     print(f"  {size} {method} {r['mode']}: {1000 * r['step_s']:.1f} ms/step, "
-                          f"{r['samples_per_s']:.1f} samples/s", flush=True)
+                          f"{r['samples_per_s']:.1f} samples/s, MFU {m}, peak {r['peak_mem_mib']:.0f} MiB",
+                          flush=True)
+                # written after every configuration, so a run stopped by a time limit keeps its rows
+                write_json(args.out, summary(args, peak_tflops, peak_src, rows))
             if args.open_clip == "auto":
                 res = bench_open_clip(size, compiled, args, device)
                 if res is None:
@@ -538,11 +564,8 @@ def main(argv=None):
                   f"samples/s per device (ideal linear scaling; data loading assumed to keep up):")
             for n in notes:
                 print(f"  {n['dataset']} x {n['epochs']} epochs on {n['gpus']} GPUs: {n['hours']:.1f} h")
-    out = {"device": args.device_name, "peak_tflops": peak_tflops, "peak_source": peak_src,
-           "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
-           "results": rows, "cost_vs_clip": cost, "open_clip": parity, "scaling": scaling}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    out = summary(args, peak_tflops, peak_src, rows, cost, parity, scaling)
+    write_json(args.out, out)
     print(f"\nwrote {args.out}")
     return out
 
