@@ -967,7 +967,6 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     model.train(was_training)
 
     m = miou_from_confusion(conf.counts, bg)
-    pct = to_percent
 
     # Display names: each class's first name, "background" for the background class (VOC21's
     # background prompts start with "sky"), made unique if a class list repeats a name.
@@ -976,10 +975,10 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
         display[bg] = "background"
     if len(set(display)) < C:
         display = [f"{c}:{name}" for c, name in enumerate(display)]
-    result = {"dataset": dataset.name, "num_images": n, "miou": pct(m["miou"]),
-              "fg_miou": pct(m["fg_miou"]) if bg is not None else None,
-              "pixel_acc": pct(m["pixel_acc"]),
-              "per_class_iou": {name: pct(v) for name, v in zip(display, m["iou"])},
+    result = {"dataset": dataset.name, "num_images": n, "miou": to_percent(m["miou"]),
+              "fg_miou": to_percent(m["fg_miou"]) if bg is not None else None,
+              "pixel_acc": to_percent(m["pixel_acc"]),
+              "per_class_iou": {name: to_percent(v) for name, v in zip(display, m["iou"])},
               "seconds": round(time.time() - t0, 2), "settings": settings}
     if out_dir is not None:
         if pictures:
