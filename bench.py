@@ -2,13 +2,13 @@
 bench.py: what one training step of each method costs, and how close it runs to the hardware's limit.
 
 For every method (clip, silc, maskclip, silc+maskclip), model size (tiny, S/16, B/16) and mode
-(eager, torch.compile) it times the REAL training step of train.py: the same Pretrainer,
-teacher_forward, add_masks, make_optimizer, EMA update, gradient clipping and logit-scale clamp, in
-the same order as train.py's loop, with bf16 autocast, fused AdamW and TF32 on CUDA (fp32 on CPU,
-as train.py). What it does NOT time: data loading. The batches (shapes images through data.py's
-MultiCrop and collate, exactly what train.py feeds the model, masks and MLM corruption included)
-are made once before the clock starts and already sit on the device, so the numbers are the model
-step alone; a real run also needs a DataLoader fast enough to keep up.
+(eager, torch.compile) it times the REAL training step: train.train_step itself (teacher forward,
+student forward, backward, the non-finite check, gradient clipping, AdamW, logit-scale clamp, EMA and
+centre updates), with bf16 autocast, fused AdamW and TF32 on CUDA (fp32 on CPU, as train.py). What
+it does NOT time: data loading. The batches (shapes images through data.py's MultiCrop and collate,
+then train.prepare_batch: masks and MLM corruption included) are made once before the clock starts
+and already sit on the device, so the numbers are the model step alone; a real run also needs a
+DataLoader fast enough to keep up.
 
 Measured per configuration:
     step time      median over --steps timed steps, after --warmup untimed ones (the first compiled
@@ -73,7 +73,7 @@ import time
 import torch
 
 import train
-from clip import count_params, flops_per_image, flops_per_text, transformer_flops, trim_padding
+from clip import count_params, flops_per_image, flops_per_text, transformer_flops
 
 METHODS = train.METHODS
 SIZES = ("tiny", "S/16", "B/16")
@@ -217,7 +217,7 @@ def make_config(size, method, args, device):
 
 def make_batches(cfg, clip_cfg, tokenizer, n_batches, device, trim):
     """n_batches training batches exactly as train.py builds them (shapes data, MultiCrop, collate,
-    masks), on the device, made before any timing."""
+    train.prepare_batch), on the device, made before any timing."""
     from data import build_train_data
     dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tokenizer)
     torch.manual_seed(cfg.seed)                              # crops draw from torch's global generator
@@ -225,11 +225,7 @@ def make_batches(cfg, clip_cfg, tokenizer, n_batches, device, trim):
     B = cfg.batch_size
     for k in range(n_batches):
         batch = collate_fn([dataset[i] for i in range(k * B, (k + 1) * B)])
-        if trim:
-            batch["tokens"] = trim_padding(batch["tokens"], clip_cfg.eot_token_id)
-        if "maskclip" in cfg.method:
-            train.add_masks(batch, cfg, clip_cfg, step=k, chunk=0, n_chunks=1)
-        batches.append({k2: (v.to(device) if torch.is_tensor(v) else v) for k2, v in batch.items()})
+        batches.append(train.prepare_batch(batch, cfg, clip_cfg, step=k, first_index=0, device=device, trim=trim))
     return batches
 
 
@@ -256,21 +252,10 @@ def time_steps(step_fn, batches, warmup, steps, device):
 
 
 def make_train_step(cfg, pretrainer, model, teacher, optimizer, autocast_ctx):
-    """One optimizer step of train.py's loop (teacher forward, student forward, backward, clip,
-    AdamW, clamp, EMA), as a function of the batch."""
-    use_teacher = teacher is not None
-    t_temp = train.teacher_temp_at(0, cfg, 0)
-    momentum = train.momentum_at(0, cfg, 0)
-    student_image = pretrainer.image_student()
-
+    """train.train_step on one batch (world size 1, no accumulation), as a function of the batch.
+    Step 0 of the schedules: past any last-layer freeze (off by default), distillation on."""
     def step(batch):
-        with autocast_ctx:
-            t_out = (train.teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask)
-                     if use_teacher else None)
-            out = model(batch, t_out, t_temp)
-        out["loss"].backward()
-        # step 10**9: past any --freeze_last_layer_steps, so the prototypes update as in most steps
-        train.apply_update(pretrainer, optimizer, cfg, 10**9, teacher, student_image, momentum)
+        train.train_step(model, pretrainer, teacher, optimizer, [dict(batch)], 0, cfg, autocast_ctx)
     return step
 
 

@@ -53,8 +53,10 @@ Images leave the datasets as uint8 [3, H, W] tensors (0-255, RGB) and leave the 
 tensors normalised with CLIP's mean and std: x = (pixel / 255 - mean) / std.
 
 Bad input never crashes a run: an unreadable image or an empty caption is skipped and counted, with
-one warning line carrying the running count (counts are per process: each DataLoader worker keeps
-its own). A data path that does not exist is a FileNotFoundError when the dataset is built.
+one warning line carrying the running count. Counts are per process (each DataLoader worker keeps
+its own); every batch carries its worker's count (`collate`), and train.py logs the sum over
+workers and ranks as "skipped". A data path that does not exist is a FileNotFoundError when the
+dataset is built.
 """
 
 import csv
@@ -575,6 +577,15 @@ def list_shards(spec) -> list[str]:
     return shards
 
 
+def _ends_cleanly(tar) -> bool:
+    """Whether a tar that has been read to its end ends properly: with a block of 512 zero bytes where
+    the next header would start. tarfile stops SILENTLY at a header cut short (a shard truncated by a
+    failed copy loses its last samples without an error), so the end is checked here."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
 def _shuffled(iterator, size, rng):
     """Approximate shuffle with a buffer of `size` samples (webdataset style)."""
     buf = []
@@ -649,6 +660,8 @@ class TarShardDataset(torch.utils.data.IterableDataset):
                         group = {}
                     key = k
                     group[ext.lower()] = member
+                if not _ends_cleanly(tar):
+                    _skip("truncated shard (rest of it)", path)
             except (tarfile.TarError, OSError, EOFError) as e:   # truncated / corrupt tar
                 _skip("corrupt shard (rest of it)", path, e)
             if group:
@@ -1079,6 +1092,10 @@ def collate(samples: list, tokenizer=None) -> dict | None:
         batch["masks"] = torch.stack([s["mask"] for s in samples])      # [B, H, W]
     if all("label" in s for s in samples):
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)  # [B]
+    # Skips are counted in the process that reads the data (a DataLoader worker, or the main
+    # process: id -1); the batch carries that process's running count to the training loop's log.
+    info = torch.utils.data.get_worker_info()
+    batch["skipped"] = (info.id if info is not None else -1, sum(SKIPPED.values()))
     return batch
 
 

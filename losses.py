@@ -140,6 +140,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits from autocast are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_pairs(img: torch.Tensor, txt: torch.Tensor) -> None:
     if img.ndim != 2 or img.shape != txt.shape:
         raise ValueError(f"expected image and text features of the same shape [b, E], got "
@@ -174,8 +179,10 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     # This rank's rows against every rank's columns; the positive of local row i sits in
     # global column rank * b + i.
     labels = torch.arange(b, device=img.device) + rank * b             # [b]
-    logits_i2t = logit_scale * img @ all_txt.T                         # [b, B]
-    logits_t2i = logit_scale * txt @ all_img.T                         # [b, B]
+    # Under bf16 autocast the cosines come out of the matmul in bf16 (rounded once, |error| <=
+    # 2^-8 |cos|); the scale and the softmax then work in float32 (_fp32).
+    logits_i2t = logit_scale * _fp32(img @ all_txt.T)                  # [b, B]
+    logits_t2i = logit_scale * _fp32(txt @ all_img.T)                  # [b, B]
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
@@ -205,7 +212,7 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     rank, _ = _world()
     b = img.shape[0]
     all_txt = gather_with_grad(txt)                                    # [B, E]
-    logits = logit_scale * img @ all_txt.T + logit_bias                # [b, B]
+    logits = logit_scale * _fp32(img @ all_txt.T) + logit_bias         # [b, B], float32 (see clip_loss)
     # z = +1 for the positive pair (local row i, global column rank * b + i), -1 elsewhere.
     z = -torch.ones_like(logits)
     rows = torch.arange(b, device=img.device)
@@ -278,11 +285,6 @@ def teacher_temp_schedule(total_steps: int, warmup_steps: int, start: float = 0.
     return np.concatenate([warm, np.full(total_steps - warmup_steps, final)])
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (bf16/fp16 logits from autocast are upcast; float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor,
                         student_temp: float) -> torch.Tensor:
     """-sum_k P_t[k] log softmax(s / tau_s)[k] per row: [..., K] -> [...] (log_softmax is stable)."""
@@ -299,9 +301,12 @@ class LocalToGlobalLoss(nn.Module):
     Returns the mean over pairs (q, v), v != q, of the batch-mean of H(P_t(q), P_s(v)); with
     2 global + 8 local views that is 2 * 10 - 2 = 18 pairs. Each term is a mean over this rank's
     b samples, so the mean over ranks (what DDP averages) is the global-batch loss.
-    In training mode the centre is then updated:
+    The centre is NOT updated here: once per optimizer step, the training loop calls
+    `update_center(center_stats(...))` with the teacher logits of the whole step,
         c <- m c + (1 - m) * mean over the GLOBAL batch and all teacher views of t,
-    with the sum all-reduced over ranks, so every rank keeps the same centre.
+    with the sum all-reduced over ranks, so every rank keeps the same centre. Every micro-batch of
+    a step (gradient accumulation) then sees the same centre, and the step makes one update from
+    all of its samples: exactly what one process on the whole batch does.
     Defaults are DINO's (SILC does not publish them): tau_s = 0.1, m = 0.9.
     """
 
@@ -327,19 +332,35 @@ class LocalToGlobalLoss(nn.Module):
                     continue
                 total = total + _soft_cross_entropy(s, p_t, self.student_temp).mean()
                 n_pairs += 1
-        if self.training:
-            self.update_center(teacher_logits)
         return total / n_pairs
 
-    @torch.no_grad()
-    def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
-        """c <- m c + (1 - m) * (global-batch mean of the teacher logits over all views)."""
-        t = torch.cat([_fp32(x) for x in teacher_logits])             # [views * b, K]
-        # Sum and count in one all-reduce, so unequal shards would still give the true mean.
-        stats = torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])      # [K + 1]
-        stats = _all_reduce_sum(stats)
-        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)           # [1, K]
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+    def update_center(self, stats: torch.Tensor) -> None:
+        """c <- m c + (1 - m) * (global-batch mean of the teacher logits over all views);
+        stats: `center_stats` of this rank's teacher logits of the step."""
+        update_center_(self.center, stats, self.center_momentum)
+
+
+@torch.no_grad()
+def center_stats(teacher_logits) -> torch.Tensor:
+    """What a centre update needs from a batch of teacher logits [..., K] (or a list of them):
+    their sum over every row and the number of rows, as one vector [K + 1] (float32, or float64
+    for float64 logits). Stats of several micro-batches simply add up."""
+    if isinstance(teacher_logits, (list, tuple)):
+        teacher_logits = torch.cat([x.flatten(0, -2) for x in teacher_logits])
+    t = _fp32(teacher_logits.detach()).flatten(0, -2)                   # [rows, K], at least float32
+    return torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])            # [K + 1]
+
+
+@torch.no_grad()
+def update_center_(center: torch.Tensor, stats: torch.Tensor, momentum: float) -> None:
+    """The one centre update (DINO; iBOT's patch centre is the same rule):
+        c <- m c + (1 - m) * sum / count,
+    with the sum and count of `center_stats` all-reduced over ranks in ONE call, so every rank
+    keeps the same centre and unequal shards would still give the true mean. The centre keeps its
+    own dtype (float32 in training) whatever the logits' dtype (bf16 under autocast)."""
+    stats = _all_reduce_sum(stats.to(center.device, center.dtype).clone())
+    batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)                # [1, K]
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,13 +390,16 @@ class MaskedDistillLoss(nn.Module):
       OWN patch centre c (patch statistics differ from the pooled image ones).
     loss = sum over masked patches of H(P_t, P_s) / number of masked patches, where the count is
     over the global batch (all ranks): see `_global_mean`. Visible patches are not selected at
-    all, so they get exactly zero weight and zero gradient.
+    all, so they get exactly zero weight and zero gradient. count (optional): this rank's number
+    of masked patches over the whole optimizer step, when the step is split into micro-batches
+    (gradient accumulation); default: the masked patches of this call.
     num_masked (optional Python int): the masked count per image, when every image hides the same
     number (train.py's masks do). The masked patches are then gathered with an index of static
     size, which torch.compile traces in one graph; without it, boolean indexing (any mask, eager
     friendly). Both select the same rows in the same order, so they give the same loss bit for bit.
-    In training mode the centre is updated from the teacher logits of ALL patches of the global
-    batch (iBOT does the same; MaskCLIP does not say), momentum 0.9.
+    The centre is updated once per optimizer step by the training loop, `update_center(
+    center_stats(teacher patch logits))`, from ALL patches of the global batch (iBOT does the same;
+    MaskCLIP does not say), momentum 0.9.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
@@ -385,7 +409,8 @@ class MaskedDistillLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))        # [1, K]
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                mask: torch.Tensor, teacher_temp: float, num_masked: int | None = None) -> torch.Tensor:
+                mask: torch.Tensor, teacher_temp: float, num_masked: int | None = None,
+                count: torch.Tensor | None = None) -> torch.Tensor:
         if student_logits.shape != teacher_logits.shape or student_logits.ndim != 3:
             raise ValueError(f"expected student and teacher logits of the same shape [B, N, K], "
                              f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
@@ -405,18 +430,11 @@ class MaskedDistillLoss(nn.Module):
             s_m = gather_rows(student_logits, idx).flatten(0, 1)                     # [M, K]
         p_t = F.softmax((t_m - self.center) / teacher_temp, dim=-1)                  # [M, K]
         ce = _soft_cross_entropy(s_m, p_t, self.student_temp)                        # [M]
-        loss = _global_mean(ce.sum(), mask.sum())
-        if self.training:
-            self.update_center(t)
-        return loss
+        return _global_mean(ce.sum(), mask.sum() if count is None else count)
 
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
+    def update_center(self, stats: torch.Tensor) -> None:
         """c <- m c + (1 - m) * (mean of the teacher logits over all patches of the global batch)."""
-        t = _fp32(teacher_logits).flatten(0, -2)                      # [B * N, K]
-        stats = _all_reduce_sum(torch.cat([t.sum(0), t.new_tensor([t.shape[0]])]))
-        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)           # [1, K]
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        update_center_(self.center, stats, self.center_momentum)
 
 
 class MaskedPatchDecoder(nn.Module):
@@ -536,19 +554,23 @@ def mlm_mask_tokens(tokens: torch.Tensor, mask_prob: float = 0.2,
     unmasked-looking token is always correct). labels hold the original id at selected positions
     and -100 (ignored) elsewhere. Special tokens are never selected and never drawn as random
     replacements: a random EOT would move the text encoder's pooling position.
-    Random numbers come from `generator` (a CPU generator) and are moved to tokens' device.
+    Random numbers come from `generator` (a CPU generator) and are moved to tokens' device. It may
+    also be a list of B generators, one per caption: each row then depends on its own generator
+    alone (train.py seeds one per sample, so the corruption is the same on any number of ranks).
     """
     if not 0.0 <= mask_prob <= 1.0:
         raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, L], got {tuple(tokens.shape)}")
-    excluded = set(special_ids) | {mask_id}
-    ordinary = torch.tensor([i for i in range(vocab_size) if i not in excluded])     # [V']
+    excluded = torch.tensor(sorted(set(special_ids) | {mask_id}))
+    ids = torch.arange(vocab_size)
+    ordinary = ids[~torch.isin(ids, excluded)]                            # [V'] ids a token may become
     shape, dev = tokens.shape, tokens.device
-    select_u = torch.rand(shape, generator=generator).to(dev)             # [B, L]
-    action_u = torch.rand(shape, generator=generator).to(dev)             # [B, L]
-    random_ids = ordinary[torch.randint(len(ordinary), shape, generator=generator)].to(dev)
-    eligible = ~torch.isin(tokens, torch.tensor(sorted(excluded), device=dev))
+    select_u = _rand_rows(torch.rand, shape, generator).to(dev)           # [B, L]
+    action_u = _rand_rows(torch.rand, shape, generator).to(dev)           # [B, L]
+    random_ids = ordinary[_rand_rows(lambda s, generator: torch.randint(len(ordinary), s, generator=generator),
+                                     shape, generator)].to(dev)           # [B, L]
+    eligible = ~torch.isin(tokens, excluded.to(dev))
     selected = eligible & (select_u < mask_prob)                          # [B, L]
     inputs = torch.where(selected & (action_u < 0.8), torch.full_like(tokens, mask_id), tokens)
     inputs = torch.where(selected & (action_u >= 0.8) & (action_u < 0.9), random_ids, inputs)
@@ -556,16 +578,27 @@ def mlm_mask_tokens(tokens: torch.Tensor, mask_prob: float = 0.2,
     return inputs, labels
 
 
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _rand_rows(draw, shape, generator):
+    """draw(shape, generator=g) with one generator, or row by row with a list of generators."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.stack([draw(tuple(shape[1:]), generator=g) for g in generator])
+    return draw(tuple(shape), generator=generator)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over the selected (label != -100) positions only: logits [B, L, V], labels [B, L].
 
     Averaged over the selected positions of the GLOBAL batch (`_global_mean`), so 2 DDP ranks give
     the same loss and gradient as one process even though their captions hold different numbers
-    of masked tokens. 0 if nothing is selected anywhere.
+    of masked tokens. 0 if nothing is selected anywhere. count (optional): this rank's number of
+    selected positions over the whole optimizer step when it is split into micro-batches
+    (gradient accumulation), so the step's loss is one mean over all of them.
     """
     if logits.shape[:2] != labels.shape or logits.ndim != 3:
         raise ValueError(f"expected logits [B, L, V] and labels [B, L], got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     ce = F.cross_entropy(_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100,
                          reduction="sum")
-    return _global_mean(ce, (labels != -100).sum())
+    return _global_mean(ce, (labels != -100).sum() if count is None else count)

@@ -56,7 +56,7 @@ from data import (EOT_ID, MASK_ID, PAD_ID, SHAPES_TEMPLATES, SOT_ID, VOCAB_SIZE,
 from ema import ema_update, make_teacher
 from eval_seg import build_text_classifier, classifier_scores, evaluate_segmentation, load_dataset
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
-                    clip_loss, mlm_loss, mlm_mask_tokens, siglip_loss)
+                    center_stats, clip_loss, mlm_loss, mlm_mask_tokens, siglip_loss)
 from masking import block_mask, num_masked, random_mask
 from pretrained import BPETokenizer, convert_state_dict, load_pretrained_into, read_state_dict
 
@@ -214,22 +214,28 @@ def resolve_method_defaults(cfg):
 # Distributed helpers: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python train.py` does not.
 # -----------------------------------------------------------------------------------------------
 def setup_distributed(cfg):
-    """Returns (rank, world, local_rank, device). NCCL on CUDA, gloo on CPU."""
+    """Returns (rank, world, local_rank, device, owned). NCCL on CUDA, gloo on CPU. A process group
+    that already exists (main() called from a script that set one up) is used as it is, and left
+    for its owner to destroy (owned = False)."""
     if cfg.device == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device_type = cfg.device.split(":")[0]
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = dist.is_available() and dist.is_initialized()
+    owned = False
+    if not distributed and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        distributed = owned = True
+    if distributed:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
         device = torch.device(f"cuda:{local_rank}") if device_type == "cuda" else torch.device("cpu")
         if device_type == "cuda":
             torch.cuda.set_device(device)
     else:
         rank, world, local_rank = 0, 1, 0
         device = torch.device(cfg.device if cfg.device != "auto" else device_type)
-    return rank, world, local_rank, device
+    return rank, world, local_rank, device, owned
 
 
 # -----------------------------------------------------------------------------------------------
@@ -326,8 +332,9 @@ class Pretrainer(nn.Module):
         self.use_sd = "silc" in cfg.method
         self.use_mask = "maskclip" in cfg.method
         self.clip = CLIP(clip_cfg)
-        if not self.use_mask:
-            # The ViT's mask token only serves masked inputs; frozen, DDP does not wait for its gradient.
+        if not self.use_mask or cfg.mask_mode == "drop":
+            # The ViT's mask token only serves mask_mode="token" (drop mode removes the hidden tokens
+            # instead). Frozen, DDP does not wait for a gradient that never comes.
             self.clip.visual.mask_token.requires_grad_(False)
         D = clip_cfg.vision_width
         if self.use_sd:
@@ -341,7 +348,10 @@ class Pretrainer(nn.Module):
             self.decoder = MaskedPatchDecoder(D, clip_cfg.vision_heads, num_layers=cfg.decoder_layers)
             if cfg.mlm_weight > 0:
                 self.text_decoder = TextMLMDecoder(clip_cfg.text_width, clip_cfg.text_heads,
-                                                   clip_cfg.vocab_size, num_layers=cfg.text_decoder_layers)
+                                                   clip_cfg.vocab_size, num_layers=cfg.text_decoder_layers,
+                                                   pad_id=clip_cfg.pad_token_id)
+        # the weight of each objective in the total loss
+        self.weights = {"contrastive": 1.0, "sd": cfg.sd_weight, "dist": cfg.dist_weight, "mlm": cfg.mlm_weight}
 
     def image_student(self):
         """The modules the EMA teacher copies: image encoder + heads (the text tower has no teacher)."""
@@ -352,64 +362,100 @@ class Pretrainer(nn.Module):
             parts["patch_head"] = self.patch_head
         return nn.ModuleDict(parts)
 
-    def contrastive(self, img, txt):
-        scale = self.clip.logit_scale.exp()
-        if self.cfg.loss == "sigmoid":
-            return siglip_loss(img, txt, scale, self.clip.logit_bias)
-        return clip_loss(img, txt, scale)
-
-    def forward(self, batch, teacher_out=None, teacher_temp=0.07):
-        """batch: this rank's micro-batch (see data.collate); teacher_out: the teacher's logits
-        (None while self-distillation is off). Returns a dict of scalar losses, weights applied
-        only in 'loss' (the total)."""
-        cfg, visual = self.cfg, self.clip.visual
-        out = {}
+    def encode(self, batch):
+        """The contrastive inputs of a micro-batch: L2-normalised image embeddings of every
+        text-paired view [n_g, b, E], text embeddings [b, E], and the image tokens [n_g*b, 1+N, D]."""
         txt = F.normalize(self.clip.text(batch["tokens"])[0], dim=-1)          # [b, E]
-
         if self.use_sd or (self.use_mask and "global_crops" in batch):
             # SILC: every global view is aligned with the caption ("otherwise the two objectives
-            # diverge", SILC sec. 3). One encoder forward per resolution: globals, then locals.
+            # diverge", SILC sec. 3). One encoder forward per resolution: globals here, locals later.
             g = batch["global_crops"]                                           # [2, b, 3, S, S]
-            n_g, b = g.shape[:2]
-            g_emb, g_tok = visual(g.flatten(0, 1))                              # [2b, E], [2b, 1+N, D]
-            img = F.normalize(g_emb, dim=-1).view(n_g, b, -1)
-            out["contrastive"] = sum(self.contrastive(img[v], txt) for v in range(n_g)) / n_g
         else:
-            g_emb, g_tok = visual(batch["images"])                              # [b, E], [b, 1+N, D]
-            out["contrastive"] = self.contrastive(F.normalize(g_emb, dim=-1), txt)
-        total = out["contrastive"]
+            g = batch["images"].unsqueeze(0)                                    # [1, b, 3, S, S]
+        n_g, b = g.shape[:2]
+        g_emb, g_tok = self.clip.visual(g.flatten(0, 1))                       # [n_g*b, E], [n_g*b, 1+N, D]
+        img = F.normalize(g_emb, dim=-1).view(n_g, b, -1)                       # [n_g, b, E]
+        return img, txt, g_tok
 
+    @torch.no_grad()
+    def contrastive_features(self, batch):
+        """encode() without gradient and without the tokens: what gradient accumulation caches."""
+        img, txt, _ = self.encode(batch)
+        return img, txt
+
+    def contrastive_loss(self, img, txt, cache=None, slot=0):
+        """Mean over the text-paired views of the CLIP / SigLIP loss.
+
+        Gradient accumulation (cache = the contrastive_features of every micro-batch of the step,
+        slot = this one's position), as open_clip's --accum-freq: this micro-batch's live features
+        replace their cached copy, so the loss is over ALL the step's pairs (all its negatives), and
+        only this micro-batch's share of the gradient flows. Summed over the slots, the gradients
+        are the full batch's. The temperature (and SigLIP's bias) take their gradient in the last
+        slot only: in every slot they receive the whole d loss / d t, which would count k times."""
+        scale, bias = self.clip.logit_scale.exp(), self.clip.logit_bias
+        if cache is not None:
+            imgs, txts = [c[0] for c in cache], [c[1] for c in cache]
+            imgs[slot], txts[slot] = img, txt
+            img, txt = torch.cat(imgs, dim=1), torch.cat(txts, dim=0)          # [n_g, k*b, E], [k*b, E]
+            if slot != len(cache) - 1:
+                scale, bias = scale.detach(), (bias.detach() if bias is not None else None)
+        if self.cfg.loss == "sigmoid":
+            losses = [siglip_loss(img[v], txt, scale, bias) for v in range(img.shape[0])]
+        else:
+            losses = [clip_loss(img[v], txt, scale) for v in range(img.shape[0])]
+        return sum(losses) / len(losses)
+
+    def local_to_global_loss(self, batch, g_tok, teacher_out, teacher_temp):
+        """SILC: the student's class token of EVERY view (global and local) must predict the
+        teacher's distribution on each OTHER global view."""
+        n_g = batch["global_crops"].shape[0]
+        student = list(self.head(g_tok[:, 0]).chunk(n_g))                      # n_g x [b, K]
+        if batch.get("local_crops") is not None and batch["local_crops"].shape[0] > 0:
+            l = batch["local_crops"]                                            # [n, b, 3, s, s]
+            _, l_tok = self.clip.visual(l.flatten(0, 1))
+            student += list(self.head(l_tok[:, 0]).chunk(l.shape[0]))
+        return self.l2g_loss(student, teacher_out["global"], teacher_temp)
+
+    def masked_loss(self, batch, teacher_out, teacher_temp, n_slots=1):
+        """MaskCLIP: a SECOND student forward on the masked image; the decoder predicts the
+        teacher's patch codes at the hidden positions. The source is the first global view when
+        there are crops (teacher and student see the same view)."""
+        cfg = self.cfg
+        src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
+        mask = batch["patch_mask"]                                              # [b, N] bool
+        # The masked count as a Python int (add_masks draws exactly this many per image): the
+        # kept and masked token counts are then static shapes, which torch.compile needs.
+        n_masked = num_masked(mask.shape[1], cfg.mask_ratio)
+        _, m_tok = self.clip.visual(src, mask=mask, mask_mode=cfg.mask_mode, num_masked=n_masked)  # [b, 1+N', D]
+        pred = self.decoder(m_tok, mask, self.clip.visual)                      # [b, N, D]
+        # every micro-batch of a step hides the same number of patches: the step's count is n_slots x
+        return self.mask_loss(self.patch_head(pred), teacher_out["patch"], mask, teacher_temp,
+                              num_masked=n_masked, count=mask.sum() * n_slots)
+
+    def mlm(self, batch):
+        """MaskCLIP's text branch: a third (text) forward on the corrupted caption; the causal
+        encoder's token features go through a small bidirectional decoder that sees both
+        directions and never attends to padding."""
+        feats = self.clip.text(batch["mlm_inputs"])[1]                          # [b, L, W]
+        logits = self.text_decoder(feats, batch["mlm_inputs"])                  # [b, L, V]
+        return mlm_loss(logits, batch["mlm_labels"], count=batch.get("mlm_count"))
+
+    def forward(self, batch, teacher_out=None, teacher_temp=0.07, cache=None, slot=0):
+        """batch: this rank's micro-batch (see data.collate); teacher_out: the teacher's logits
+        (None while self-distillation is off); cache, slot: see contrastive_loss. Returns a dict of
+        scalar losses; 'loss' (what backward takes) is their sum with self.weights. Every term but
+        the contrastive one is this micro-batch's share of the step's term (summed over the slots
+        it is the whole batch's), so the step is the same problem for any grad_accum."""
+        n_slots = 1 if cache is None else len(cache)
+        img, txt, g_tok = self.encode(batch)
+        out = {"contrastive": self.contrastive_loss(img, txt, cache, slot)}
         if teacher_out is not None and self.use_sd:
-            # Local-to-global: the student's class token of EVERY view (global and local) must
-            # predict the teacher's distribution on each OTHER global view.
-            student = list(self.head(g_tok[:, 0]).chunk(n_g))                  # n_g x [b, K]
-            if batch.get("local_crops") is not None and batch["local_crops"].shape[0] > 0:
-                l = batch["local_crops"]                                        # [n, b, 3, s, s]
-                _, l_tok = visual(l.flatten(0, 1))
-                student += list(self.head(l_tok[:, 0]).chunk(l.shape[0]))
-            out["sd"] = self.l2g_loss(student, teacher_out["global"], teacher_temp)
-            total = total + cfg.sd_weight * out["sd"]
-
+            out["sd"] = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp) / n_slots
         if teacher_out is not None and self.use_mask:
-            # Masked self-distillation: a SECOND student forward on the masked image. The source is
-            # the first global view when there are crops (teacher and student see the same view).
-            src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
-            mask = batch["patch_mask"]                                          # [b, N] bool
-            # The masked count as a Python int (add_masks draws exactly this many per image): the
-            # kept and masked token counts are then static shapes, which torch.compile needs.
-            n_masked = num_masked(mask.shape[1], cfg.mask_ratio)
-            _, m_tok = visual(src, mask=mask, mask_mode=cfg.mask_mode, num_masked=n_masked)   # [b, 1+N', D]
-            pred = self.decoder(m_tok, mask, visual)                            # [b, N, D]
-            out["dist"] = self.mask_loss(self.patch_head(pred), teacher_out["patch"], mask, teacher_temp,
-                                         num_masked=n_masked)
-            total = total + cfg.dist_weight * out["dist"]
-            if cfg.mlm_weight > 0:
-                # MLM: a third (text) forward on the masked caption; the causal text encoder's token
-                # features go through a small bidirectional decoder that sees both directions.
-                feats = self.clip.text(batch["mlm_inputs"])[1]                  # [b, L, W]
-                out["mlm"] = mlm_loss(self.text_decoder(feats), batch["mlm_labels"])
-                total = total + cfg.mlm_weight * out["mlm"]
-        out["loss"] = total
+            out["dist"] = self.masked_loss(batch, teacher_out, teacher_temp, n_slots)
+            if self.cfg.mlm_weight > 0:
+                out["mlm"] = self.mlm(batch)
+        out["loss"] = sum(self.weights[k] * v for k, v in out.items())
         return out
 
 
@@ -476,24 +522,10 @@ def make_optimizer(model, cfg, device):
 # -----------------------------------------------------------------------------------------------
 # Checkpoints: written atomically (temporary file + os.replace), so a crash in the middle of a
 # save leaves the previous checkpoint intact. Only tensors, numbers, strings, lists and dicts go in,
-# so they load with torch.load(weights_only=True).
+# so they load with torch.load(weights_only=True). No random-number state is saved because the loop
+# draws from no global generator: every crop is seeded by its sample (SeededSample), every patch
+# mask and MLM corruption by (seed, step, sample index) (add_masks). Resume is exact by construction.
 # -----------------------------------------------------------------------------------------------
-def rng_state():
-    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(s["torch"])
-    if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def save_checkpoint(path, pretrainer, teacher, optimizer, step, cfg):
     sd = pretrainer.state_dict()
     ckpt = {
@@ -504,11 +536,20 @@ def save_checkpoint(path, pretrainer, teacher, optimizer, step, cfg):
         "optimizer": optimizer.state_dict(),
         "step": step,
         "config": dataclasses.asdict(cfg),
-        "rng": rng_state(),
     }
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`:
+    os.replace is atomic on POSIX, so `path` always holds a whole file, the old one or the new one,
+    even if the process is killed mid-write (tests/test_train.py kills one with SIGKILL)."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)   # atomic on POSIX: readers see the old file or the new one, never half
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path):
@@ -522,11 +563,15 @@ def load_checkpoint(path):
 # in prompt templates, as CLIP does for ImageNet), image<->text retrieval, and zero-shot segmentation.
 # -----------------------------------------------------------------------------------------------
 def recall_at_k(sim, match, ks=(1, 5)):
-    """sim: [Q, C] similarities; match: [Q, C] bool, True where candidate c is a correct answer for
-    query q. Shapes captions repeat ("two circles"), so every candidate with the same caption counts."""
-    top = sim.topk(max(ks), dim=1).indices                                      # [Q, kmax]
-    hit = match.gather(1, top)                                                  # [Q, kmax]
-    return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+    """R@k: the fraction of queries that find a correct candidate among their k most similar ones.
+
+    sim: [Q, C] similarities; match: [Q, C] bool, True where candidate c is a correct answer for
+    query q (shapes captions repeat, "two circles", so every candidate with the same caption counts).
+    A query's rank is the number of WRONG candidates at least as similar as its best correct one:
+    ties count against the query, so a model that scores everything alike gets no credit."""
+    best = torch.where(match, sim, float("-inf")).max(dim=1).values           # [Q]
+    rank = ((sim >= best[:, None]) & ~match).sum(dim=1)                         # [Q]
+    return {k: (rank < k).float().mean().item() for k in ks}
 
 
 @torch.no_grad()
@@ -581,11 +626,112 @@ def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
 
 
 # -----------------------------------------------------------------------------------------------
+# One optimizer step
+# -----------------------------------------------------------------------------------------------
+class NonFiniteLoss(RuntimeError):
+    """The step's loss is not finite on some rank; raised on every rank, before any update."""
+
+
+def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocast_ctx=contextlib.nullcontext(),
+                         world=1, features_fn=None):
+    """Forward and backward over this rank's micro-batches of one step -> the step's loss terms.
+
+    batches: the grad_accum micro-batches (prepared by prepare_batch). With more than one, the
+    contrastive loss still sees the whole step's batch (Pretrainer.contrastive_loss, fed by a
+    no-grad pass of features_fn over every micro-batch), the distillation terms are weighted by each
+    micro-batch's share, and the centres are updated once, after the last micro-batch, from the
+    teacher outputs of all of them. So grad_accum=k gives the same loss and gradients as one
+    micro-batch k times larger (tests/test_train.py checks it in float64)."""
+    sd_start_step = int(cfg.sd_start * cfg.steps)
+    distill = teacher is not None and step >= sd_start_step
+    t_temp = teacher_temp_at(step, cfg, sd_start_step)
+    k = len(batches)
+    cache = None
+    if k > 1:
+        features_fn = features_fn or pretrainer.contrastive_features
+        with autocast_ctx:
+            cache = [features_fn(b) for b in batches]                           # k x ([n_g, b, E], [b, E])
+    if "mlm_labels" in batches[0]:
+        n_mlm = sum((b["mlm_labels"] != -100).sum() for b in batches)          # the step's MLM positions
+        for b in batches:
+            b["mlm_count"] = n_mlm
+    terms, stats = {}, {}
+    for j, batch in enumerate(batches):
+        with autocast_ctx:
+            t_out = teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask) if distill else None
+        sync = j == k - 1 or world == 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast_ctx:
+                out = model(batch, t_out, t_temp, cache, j)
+            out["loss"].backward()
+        for name, v in out.items():
+            if name != "loss":    # contrastive: the whole step's value in every slot; the rest: shares
+                terms[name] = v.detach().float() + (terms.get(name, 0.0) if name != "contrastive" else 0.0)
+        if distill:
+            for name, logits in (("sd", t_out.get("global")), ("dist", t_out.get("patch"))):
+                if logits is not None:
+                    stats[name] = stats.get(name, 0.0) + center_stats(logits)
+    if "sd" in stats:
+        pretrainer.l2g_loss.update_center(stats["sd"])
+    if "dist" in stats:
+        pretrainer.mask_loss.update_center(stats["dist"])
+    terms["loss"] = sum(pretrainer.weights[name] * v for name, v in terms.items())
+    if distill:
+        terms["teacher_temp"] = t_temp                                           # a float: the same on every rank
+        if pretrainer.use_sd:
+            terms["teacher_entropy"] = teacher_entropy(t_out["global"], pretrainer.l2g_loss.center, t_temp)
+    return terms
+
+
+def train_step(model, pretrainer, teacher, optimizer, batches, step, cfg, autocast_ctx=contextlib.nullcontext(),
+               world=1, features_fn=None):
+    """One optimizer step: the learning rate, the teacher's switch-on, forward/backward over the
+    micro-batches, the non-finite stop (every rank stops together, before the bad update), then
+    clip, AdamW, logit-scale clamp and the EMA teacher update. Returns the logged terms."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sd_start_step = int(cfg.sd_start * cfg.steps)
+    distill = teacher is not None and step >= sd_start_step
+    if distill and step == sd_start_step and sd_start_step > 0:
+        ema_update(teacher, pretrainer.image_student(), 0.0)   # SigLIP 2: the teacher starts as the student
+    terms = accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocast_ctx, world, features_fn)
+    bad = torch.tensor(float(not torch.isfinite(terms["loss"])), device=terms["loss"].device)
+    if world > 1:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise NonFiniteLoss(f"non-finite loss at step {step} ({ {k: float(v) for k, v in terms.items()} })")
+    momentum = momentum_at(step, cfg, sd_start_step)
+    apply_update(pretrainer, optimizer, cfg, step, teacher if distill else None, pretrainer.image_student(),
+                 momentum)
+    terms["lr"] = lr
+    if distill:
+        terms["momentum"] = momentum
+    return terms
+
+
+def prepare_batch(batch, cfg, clip_cfg, step, first_index, device, trim=True):
+    """A micro-batch from the loader, ready for the step: on the device, its padding columns trimmed
+    (exact, see clip.trim_padding; skipped under torch.compile, where a changing shape would
+    recompile), and for MaskCLIP its patch masks and corrupted caption (add_masks). first_index: the
+    micro-batch's first position in the step's global batch."""
+    batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if "maskclip" in cfg.method:
+        add_masks(batch, cfg, clip_cfg, step, first_index)
+    if trim:
+        L = trim_padding(batch["tokens"], clip_cfg.eot_token_id).shape[1]
+        for key in ("tokens", "mlm_inputs", "mlm_labels"):
+            if key in batch:
+                batch[key] = batch[key][:, :L]
+    return batch
+
+
+# -----------------------------------------------------------------------------------------------
 # main: the loop
 # -----------------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = resolve_method_defaults(parse_args(sys.argv[1:] if argv is None else argv))
-    rank, world, local_rank, device = setup_distributed(cfg)
+    rank, world, local_rank, device, owned = setup_distributed(cfg)
     master = rank == 0
     if cfg.batch_size % (world * cfg.grad_accum) != 0:
         sys.exit(f"error: batch_size {cfg.batch_size} must be divisible by world_size x grad_accum "
@@ -629,9 +775,8 @@ def main(argv=None):
         load_pretrained_into(pretrainer.clip, cfg.init_from)
     pretrainer.to(device)
     optimizer = make_optimizer(pretrainer, cfg, device)
-    use_teacher = pretrainer.use_sd or pretrainer.use_mask
     teacher = None
-    if use_teacher:
+    if pretrainer.use_sd or pretrainer.use_mask:
         teacher = make_teacher(pretrainer.image_student())                     # deep copy, no grad
     start_step = 0
     if ckpt is not None:
@@ -641,85 +786,59 @@ def main(argv=None):
             teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
         if master:
             print(f"resumed from {ckpt_path} at step {start_step}")
-    torch.manual_seed(cfg.seed + rank)   # per-rank stream for anything random from here on
-    model = pretrainer
+    model, features_fn = pretrainer, None
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(pretrainer)
+        if cfg.grad_accum > 1:
+            features_fn = torch.compile(pretrainer.contrastive_features)
     if world > 1:
         # find_unused_parameters: heads sit idle until self-distillation switches on (sd_start > 0)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=cfg.sd_start > 0)
-    student_image = pretrainer.image_student()   # raw modules: what the EMA reads
-    sd_start_step = int(cfg.sd_start * cfg.steps)
 
     # --- the loop ---
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    pbar = None
-    if master:
-        pbar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True)
+    pbar = tqdm(total=cfg.steps, initial=start_step, dynamic_ncols=True) if master else None
     data_iter = iter(loader)
+    skipped = {}                        # DataLoader worker id -> that worker's count of skipped samples
     t_last, samples_since = time.time(), 0
-    step = start_step
     for step in range(start_step, cfg.steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        distill = use_teacher and step >= sd_start_step
-        if distill and step == sd_start_step and sd_start_step > 0:
-            ema_update(teacher, student_image, 0.0)   # SigLIP 2: teacher starts as a copy of the student
-        t_temp = teacher_temp_at(step, cfg, sd_start_step)
-        terms = {}
+        batches = []
         for a in range(cfg.grad_accum):
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                     for k, v in next(data_iter).items()}
-            if not cfg.compile:
-                batch["tokens"] = trim_padding(batch["tokens"], pretrainer.clip.config.eot_token_id)
-            if pretrainer.use_mask:
-                add_masks(batch, cfg, pretrainer.clip.config, step, a * world + rank, world * cfg.grad_accum)
-            with autocast_ctx:
-                t_out = teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask) if distill else None
-            sync = a == cfg.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with autocast_ctx:
-                    out = model(batch, t_out, t_temp)
-                (out["loss"] / cfg.grad_accum).backward()
-            for k, v in out.items():
-                terms[k] = terms.get(k, 0.0) + v.detach().float() / cfg.grad_accum
-        # a non-finite loss on any rank stops every rank, before the bad update is applied
-        bad = torch.tensor(float(not torch.isfinite(terms["loss"])), device=device)
-        if world > 1:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
+            batch = next(data_iter)
+            worker, n_skipped = batch.pop("skipped", (-1, 0))
+            skipped[worker] = n_skipped
+            batches.append(prepare_batch(batch, cfg, pretrainer.clip.config, step, (a * world + rank) * micro,
+                                         device, trim=not cfg.compile))
+        try:
+            terms = train_step(model, pretrainer, teacher, optimizer, batches, step, cfg, autocast_ctx, world,
+                               features_fn)
+        except NonFiniteLoss as e:
             if master:
-                print(f"\nerror: non-finite loss at step {step} ({ {k: float(v) for k, v in terms.items()} }). "
-                      f"Stopping; the last good checkpoint is {ckpt_path}")
-            cleanup(world)
+                print(f"\nerror: {e}. Stopping; the last good checkpoint is {ckpt_path}")
+            cleanup(world, owned)
             sys.exit(1)
-        apply_update(pretrainer, optimizer, cfg, step,
-                     teacher if distill else None, student_image, momentum_at(step, cfg, sd_start_step))
 
-        # --- logging (rank 0) ---
+        # --- logging (rank 0 writes; the terms are averaged over ranks, the skips summed) ---
         samples_since += cfg.batch_size
         if (step + 1) % cfg.log_interval == 0 or step == cfg.steps - 1:
-            if world > 1:
+            n_skipped = torch.tensor(float(sum(skipped.values())))
+            if world > 1:   # tensors differ per rank; the floats (schedule values) are the same everywhere
                 for v in terms.values():
-                    dist.all_reduce(v)
-                terms = {k: v / world for k, v in terms.items()}
+                    if torch.is_tensor(v):
+                        dist.all_reduce(v)
+                terms = {k: v / world if torch.is_tensor(v) else v for k, v in terms.items()}
+                dist.all_reduce(n_skipped)
             dt = time.time() - t_last
-            rec = {"step": step + 1, "lr": lr, "samples_per_s": samples_since / dt,
+            rec = {"step": step + 1, "lr": terms.pop("lr"), "samples_per_s": samples_since / dt,
                    "logit_scale": pretrainer.clip.logit_scale.exp().item(),
-                   **{k: round(float(v), 6) for k, v in terms.items()}}
-            if distill:
-                rec.update(teacher_temp=t_temp, momentum=momentum_at(step, cfg, sd_start_step))
-                if pretrainer.use_sd:
-                    rec["teacher_entropy"] = teacher_entropy(t_out["global"], pretrainer.l2g_loss.center, t_temp)
+                   **{k: round(float(v), 6) for k, v in terms.items()}, "skipped": int(n_skipped)}
             t_last, samples_since = time.time(), 0
             if master:
-                pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.0f}")
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.0f}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
         if master:
@@ -736,7 +855,7 @@ def main(argv=None):
             if master:
                 pbar.close()
                 print(f"stopped at step {step + 1} (--stop_at); continue with --resume=True")
-            cleanup(world)
+            cleanup(world, owned)
             return
     if master:
         pbar.close()
@@ -747,7 +866,7 @@ def main(argv=None):
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(f"final metrics ({time.time() - t0:.0f}s to evaluate):", json.dumps(metrics))
-    cleanup(world)
+    cleanup(world, owned)
 
 
 def apply_update(pretrainer, optimizer, cfg, step, teacher=None, student_image=None, momentum=None):
@@ -764,10 +883,12 @@ def apply_update(pretrainer, optimizer, cfg, step, teacher=None, student_image=N
         ema_update(teacher, student_image, momentum)
 
 
-def cleanup(world):
+def cleanup(world, owned=True):
+    """Wait for every rank, then close the process group if this run opened it."""
     if world > 1 and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -776,7 +897,7 @@ def teacher_entropy(teacher_logits, center, temp):
     one prototype, near log K means a uniform (uninformative) teacher."""
     t = torch.cat(teacher_logits).float()
     p = F.softmax((t - center) / temp, dim=-1)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().item()
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()                 # a tensor: no sync here
 
 
 def mlm_token_ids(clip_cfg):
@@ -789,24 +910,35 @@ def mlm_token_ids(clip_cfg):
     return sot, (clip_cfg.pad_token_id, sot, clip_cfg.eot_token_id)
 
 
-def add_masks(batch, cfg, clip_cfg, step, chunk, n_chunks):
+def sample_generator(seed, step, index):
+    """A CPU generator for one training sample at one step: seeded by (seed, step, its position in
+    the step's global batch) and by nothing else, so whatever it draws is the same on 1 or N ranks,
+    for any grad_accum, and after a resume. (Distinct for step < 10^7 and batches under 10^6.)"""
+    return torch.Generator().manual_seed((seed * 10**13 + step * 10**6 + index) % 2**63)
+
+
+def add_masks(batch, cfg, clip_cfg, step, first_index):
     """MaskCLIP inputs for this micro-batch: the patch mask, and the MLM-corrupted caption.
-    Masks are drawn from a generator seeded by (seed, step, chunk), so they are reproducible and
-    survive a resume; different micro-batches get different masks."""
+    Row i draws both from sample_generator(seed, step, first_index + i), so the masks of the global
+    batch do not depend on how it is split over ranks and micro-batches. The caption is corrupted
+    at the full context length (then cut back), so trimming the padding cannot change the draws."""
     src = batch["global_crops"][0] if "global_crops" in batch else batch["images"]
     b, _, H, W = src.shape
     gh, gw = H // clip_cfg.patch_size, W // clip_cfg.patch_size
-    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step * 4_099 + chunk) % 2**62)
+    gens = [sample_generator(cfg.seed, step, first_index + i) for i in range(b)]
     if cfg.mask_kind == "block":
-        mask = block_mask(b, gh, gw, cfg.mask_ratio, generator=g)
+        mask = torch.cat([block_mask(1, gh, gw, cfg.mask_ratio, generator=g) for g in gens])   # [b, N]
     else:
-        mask = random_mask(b, gh * gw, cfg.mask_ratio, generator=g)
+        mask = torch.cat([random_mask(1, gh * gw, cfg.mask_ratio, generator=g) for g in gens])  # [b, N]
     batch["patch_mask"] = mask.to(src.device)
     if cfg.mlm_weight > 0:
         mask_id, special = mlm_token_ids(clip_cfg)
-        inputs, labels = mlm_mask_tokens(batch["tokens"].cpu(), mask_prob=cfg.mlm_prob, generator=g,
+        tokens = batch["tokens"].cpu()
+        L = tokens.shape[1]
+        full = F.pad(tokens, (0, clip_cfg.context_length - L), value=clip_cfg.pad_token_id)   # [b, context]
+        inputs, labels = mlm_mask_tokens(full, mask_prob=cfg.mlm_prob, generator=gens,
                                          vocab_size=clip_cfg.vocab_size, mask_id=mask_id, special_ids=special)
-        batch["mlm_inputs"], batch["mlm_labels"] = inputs.to(src.device), labels.to(src.device)
+        batch["mlm_inputs"], batch["mlm_labels"] = inputs[:, :L].to(src.device), labels[:, :L].to(src.device)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ def worker(rank, out_dir):
         student = data["student"][step][:, sl].clone().requires_grad_(True)    # [5, b, K]
         loss = l2g(list(student), list(data["teacher"][step][:, sl]), teacher_temp=0.04)
         loss.backward()
+        l2g.update_center(losses.center_stats(list(data["teacher"][step][:, sl])))
         out["l2g_loss"].append(loss.item())
         out["l2g_center"].append(l2g.center.clone())
         out["l2g_grad"].append(student.grad.clone())
@@ -139,6 +140,7 @@ def worker(rank, out_dir):
     s = data["m_student"][sl].clone().requires_grad_(True)
     loss = md(s, data["m_teacher"][sl], data["m_mask"][sl], teacher_temp=0.05)
     loss.backward()
+    md.update_center(losses.center_stats(data["m_teacher"][sl]))
     out.update(md_loss=loss.item(), md_grad=s.grad.clone(), md_center=md.center.clone())
 
     # 4. MLM loss (unequal labelled counts per rank)

@@ -9,6 +9,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import pytest
 import torch
@@ -239,13 +240,15 @@ def test_paired_differences_by_hand():
 
 def test_launch_skips_and_records(tmp_path):
     out = str(tmp_path / "run")
-    # a stand-in for train.py that writes a metrics.json
-    cmd = [sys.executable, "-c", f"import json, os; json.dump({{'step': 1}}, open(os.path.join({out!r}, "
-                                 f"'metrics.json'), 'w'))"]
+    # a stand-in for train.py that takes 0.3 s and writes a metrics.json
+    cmd = [sys.executable, "-c", f"import json, os, time; time.sleep(0.3); json.dump({{'step': 1}}, "
+                                 f"open(os.path.join({out!r}, 'metrics.json'), 'w'))"]
+    t0 = time.time()
     assert ablate.launch(cmd, out) == "ok"
+    elapsed = time.time() - t0
     with open(os.path.join(out, "ablate_run.json")) as f:
         info = json.load(f)
-    assert info["returncode"] == 0 and info["wall_s"] > 0
+    assert info["returncode"] == 0 and 0.3 <= info["wall_s"] <= elapsed
     assert ablate.launch(cmd, out) == "skipped"
     assert ablate.launch([sys.executable, "-c", "raise SystemExit(3)"], out, force=True) == "failed"
 

@@ -84,6 +84,25 @@ def test_pos_embed_bicubic_matches_hand_written_keys_kernel(new_grid):
     torch.testing.assert_close(out[1:], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_pos_embed_bf16_branch_resamples_in_float32():
+    """Under bf16 (a model cast to bf16, or autocast's bf16 parameters), the position embedding is
+    resampled in float32 and rounded to bf16 once: it equals the hand-written Keys kernel on the same
+    bf16 numbers, in float64, to within one bf16 rounding (|error| <= u |value|, u = 2^-8), and keeps
+    the class token and the parameter's dtype. Bicubic arithmetic in bf16 itself would add several
+    roundings per tap."""
+    torch.manual_seed(1)
+    G, D, (gh, gw) = 6, 8, (9, 11)
+    pos = torch.randn(1 + G * G, D).bfloat16()
+    out = interpolate_pos_embed(pos, gh, gw)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[0], pos[0])
+    grid = pos[1:].double().reshape(G, G, D).permute(2, 0, 1)
+    expected = keys_bicubic_1d(keys_bicubic_1d(grid, gw).transpose(1, 2), gh).transpose(1, 2)
+    expected = expected.permute(1, 2, 0).reshape(gh * gw, D)
+    err = (out[1:].double() - expected).abs()
+    assert (err <= 2.0 ** -8 * expected.abs() + 1e-6).all(), err.max()
+    assert interpolate_pos_embed(pos, G, G) is pos
+
+
 def test_pos_embed_interp_preserves_constants_and_interior_ramps():
     G, D = 8, 3
     # A constant grid stays constant at any size (the kernel weights sum to 1).

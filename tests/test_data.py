@@ -245,6 +245,49 @@ def test_tar_corrupt_image_and_empty_caption_skipped_and_counted(tmp_path):
     assert s["caption"] == f"caption {s['key']}"
 
 
+def test_tar_as_training_reads_it_every_sample_once_per_epoch(tmp_path):
+    """The reader exactly as train.py builds it (build_dataset: shard shuffle, a shuffle buffer,
+    repeat=True), on 2 ranks x 2 DataLoader workers with collate: each epoch, every sample appears
+    exactly once over the 4 readers, and the next epoch is a different order. set_epoch(1) on a
+    one-pass reader gives exactly the second pass of the endless one."""
+    folder = str(tmp_path / "shards")
+    keys = _make_shards(folder, 8, per_shard=5)               # 8 shards -> 2 per reader, 10 samples each
+    epochs = [[], []]
+    for rank in range(2):
+        ds = data.build_dataset(folder, "train", repeat=True)
+        assert ds.shuffle and ds.shuffle_buffer > 0 and ds.repeat
+        ds.rank, ds.world_size = rank, 2
+        loader = iter(torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate,
+                                                  drop_last=True))
+        for e in range(2):                                     # 2 workers x 2 batches of 5 = one epoch
+            epochs[e] += [c.split()[1] for _ in range(4) for c in next(loader)["captions"]]
+    assert sorted(epochs[0]) == sorted(keys) and sorted(epochs[1]) == sorted(keys)
+    assert epochs[0] != epochs[1]
+    endless = iter(data.build_dataset(folder, "train", repeat=True))
+    passes = [[next(endless)["key"] for _ in range(40)] for _ in range(2)]
+    once = data.build_dataset(folder, "train", repeat=False)
+    once.set_epoch(1)
+    assert [s["key"] for s in once] == passes[1] != passes[0]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.55])
+def test_tar_truncated_shard_is_skipped_and_counted(tmp_path, fraction):
+    """A shard cut short (a failed copy) loses its tail. tarfile stops silently at a truncated header,
+    so without a check the lost samples would go unnoticed: the reader counts the shard as truncated
+    (and a sample whose caption was cut off as such) and reads every other shard in full."""
+    folder = str(tmp_path / "shards")
+    keys = _make_shards(folder, 3, per_shard=6)
+    path = os.path.join(folder, "0001.tar")
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * fraction))
+    before = dict(data.SKIPPED)
+    with pytest.warns(RuntimeWarning, match="truncated shard"):
+        got = [s["key"] for s in TarShardDataset(folder)]
+    good = [k for k in keys if not k.startswith("0001")]
+    assert set(good) <= set(got) <= set(keys) and len(got) < len(keys) and len(set(got)) == len(got)
+    assert data.SKIPPED["truncated shard (rest of it)"] == before.get("truncated shard (rest of it)", 0) + 1
+
+
 def test_tar_subset_and_missing_paths(tmp_path):
     folder = str(tmp_path / "shards")
     _make_shards(folder, 4, per_shard=5)

@@ -214,6 +214,7 @@ def test_ddp_masked_distill_and_mlm_equal_single_process(ddp):
     md = MaskedDistillLoss(w.K)
     value = md(s, data["m_teacher"], mask, teacher_temp=0.05)
     value.backward()
+    md.update_center(losses.center_stats(data["m_teacher"]))
     assert (ddp[0]["md_loss"] + ddp[1]["md_loss"]) / 2 == pytest.approx(value.item(), rel=1e-5)
     for rank in range(2):
         sl = slice(rank * 4, (rank + 1) * 4)
@@ -279,28 +280,43 @@ def test_local_to_global_equals_naive_double_loop_and_centre_formula():
                                   c0[0].tolist(), 0.05, 0.1)
     assert n_pairs == 2 * 6 - 2
     assert value.item() == pytest.approx(expected, rel=1e-10)
-    # centre: c <- 0.9 c0 + 0.1 * mean over both views and the batch
+    # the loss itself leaves the centre alone (the training loop updates it once per step) ...
+    assert torch.equal(loss.center, c0)
+    # ... with c <- 0.9 c0 + 0.1 * mean over both views and the batch
+    loss.update_center(losses.center_stats(teacher))
     mean = sum(t.sum(0) for t in teacher) / (2 * B)
-    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * mean)
-    # evaluation mode leaves the centre alone
-    loss.eval()
-    c1 = loss.center.clone()
-    loss(student, teacher, teacher_temp=0.05)
-    assert torch.equal(loss.center, c1)
+    torch.testing.assert_close(loss.center.double(), 0.9 * c0 + 0.1 * mean)
+    assert loss.center.dtype == DT
+    # stats of two halves add up to the stats of the whole
+    halves = losses.center_stats([t[:1] for t in teacher]) + losses.center_stats([t[1:] for t in teacher])
+    torch.testing.assert_close(halves, losses.center_stats(teacher))
 
 
 def test_local_to_global_pair_count_and_stop_gradient():
-    # DINO's 2 global x 10 views - 2 = 18 pairs; the teacher side gets no gradient
+    """DINO's 2 global x 10 views: the loss is the mean of exactly the 18 pairs (q, v) with v != q,
+    written out one by one here; the teacher side gets no gradient, and each student view's gradient
+    is its own terms' (a global view appears in 1 pair as a student, a local view in 2)."""
+    g = torch.Generator().manual_seed(7)
     B, K = 2, 4
-    student = [torch.randn(B, K, requires_grad=True) for _ in range(10)]
-    teacher = [torch.randn(B, K, requires_grad=True) for _ in range(2)]
+    student = [torch.randn(B, K, generator=g, dtype=DT, requires_grad=True) for _ in range(10)]
+    teacher = [torch.randn(B, K, generator=g, dtype=DT, requires_grad=True) for _ in range(2)]
     loss = LocalToGlobalLoss(K)
-    loss(student, teacher, teacher_temp=0.04).backward()
+    value = loss(student, teacher, teacher_temp=0.04)
+    pairs = [(0, v) for v in range(1, 10)] + [(1, 0)] + [(1, v) for v in range(2, 10)]
+    assert len(pairs) == 18
+    terms = [sum(naive_soft_ce(teacher[q][i].tolist(), student[v][i].tolist(), [0.0] * K, 0.04, 0.1)
+                 for i in range(B)) / B for q, v in pairs]
+    assert value.item() == pytest.approx(sum(terms) / 18, rel=1e-10)
+    value.backward()
     assert all(t.grad is None for t in teacher)
-    assert all(s.grad is not None for s in student)
-    expected, n_pairs = naive_l2g([s.tolist() for s in student], [t.tolist() for t in teacher],
-                                  [0.0] * K, 0.04, 0.1)
-    assert n_pairs == 18
+    # d/ds of H(p_t, softmax(s / tau)) = (softmax(s / tau) - p_t) / tau, per row, summed over the
+    # teachers that student view v is paired with, / (18 * B)
+    for v, s in enumerate(student):
+        want = torch.zeros(B, K, dtype=DT)
+        for q, t in enumerate(teacher):
+            if q != v:
+                want += (F.softmax(s.detach() / 0.1, -1) - F.softmax(t.detach() / 0.04, -1)) / 0.1
+        torch.testing.assert_close(s.grad, want / (18 * B))
     with pytest.raises(ValueError):
         loss([student[0]], [teacher[0]], teacher_temp=0.04)
 
@@ -332,12 +348,15 @@ def test_masked_distill_equals_naive_per_patch_loop_and_ignores_visible_patches(
     terms = [naive_soft_ce(t[b, n].tolist(), s[b, n].tolist(), c0[0].tolist(), 0.06, 0.1)
              for b in range(B) for n in range(N) if mask[b, n]]
     assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-10)
-    # patch centre: mean over ALL patches of the batch
+    # an explicit count (the step's, under gradient accumulation) is the denominator instead
+    assert loss(s, t, mask, 0.06, count=torch.tensor(10)).item() == pytest.approx(sum(terms) / 10, rel=1e-10)
+    # patch centre: mean over ALL patches of the batch, once the loop calls update_center
+    assert torch.equal(loss.center, c0)
+    loss.update_center(losses.center_stats(t))
     torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * t.reshape(-1, K).mean(0))
     # visible patches: zero gradient, and changing them changes nothing
     value.backward()
     assert (s.grad[~mask] == 0).all() and (s.grad[mask].abs().sum(-1) > 0).all()
-    loss.eval()
     loss.center.copy_(c0)
     s2 = s.detach().clone()
     s2[~mask] = torch.randn(int((~mask).sum()), K, dtype=DT) * 100
@@ -358,7 +377,7 @@ def test_masked_distill_with_a_given_count_is_bit_identical():
         loss = MaskedDistillLoss(K)
         value = loss(s, t, mask, teacher_temp=0.04, **kw)
         value.backward()
-        results.append((value.detach(), s.grad, loss.center.clone()))
+        results.append((value.detach(), s.grad))
     assert all(torch.equal(a, b) for a, b in zip(*results))
     with pytest.raises(ValueError, match="num_masked=47"):
         MaskedDistillLoss(K)(s, t, mask, teacher_temp=0.04, num_masked=47)
@@ -539,3 +558,86 @@ def test_text_decoder_is_bidirectional_and_ignores_padding():
     pad = feats.clone()
     pad[0, 5:] = torch.randn(2, 16) * 10       # padding features are never attended to
     torch.testing.assert_close(dec(pad, tokens)[0, :5], out[0, :5])
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 autocast: what every GPU run does. Each loss against its float64 naive reference, within a
+# bound derived from where bf16 rounding enters (CPU autocast to bf16 runs the same casts).
+# ---------------------------------------------------------------------------------------------
+U_BF16 = 2.0 ** -8          # unit roundoff of bfloat16 (8 significant bits): |bf16(x) - x| <= u |x|
+U_FP32 = 2.0 ** -24
+
+
+def bf16_pairs(B=32, E=64, seed=0):
+    """Normalised features as the towers emit them under autocast (bf16), and the exact float64
+    values of those bf16 numbers (the reference works on the same inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(B, E, generator=g, dtype=DT), dim=-1)
+    txt = F.normalize(img + 0.8 * torch.randn(B, E, generator=g, dtype=DT), dim=-1)
+    img, txt = img.bfloat16(), txt.bfloat16()
+    return img, txt, img.double(), txt.double()
+
+
+@pytest.mark.parametrize("t", [14.3, 100.0])
+def test_contrastive_losses_under_bf16_autocast(t):
+    """The only bf16 arithmetic inside the losses is the cosine matmul: each cosine is rounded once,
+    so logit (i, j) moves by at most d_ij = t (u |cos_ij| + E 2^-24). A loss moves, to first order, by
+    its sensitivities times d, plus a second-order remainder:
+      CLIP:   per row, sum_j |p_j - y_j| d_j + max_j d_j^2 / 2   (softmax p, one-hot y)
+      SigLIP: per pair, sigmoid(-z l) d + d^2 / 8.
+    The value must also come out in float32 (a bf16 reduction of the loss would not)."""
+    img, txt, img64, txt64 = bf16_pairs()
+    B, E = img.shape
+    cos = img64 @ txt64.T
+    d = t * (U_BF16 * cos.abs() + E * U_FP32)                                  # [B, B]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_clip = clip_loss(img, txt, torch.tensor(t))
+        got_sig = siglip_loss(img, txt, torch.tensor(t), torch.tensor(-10.0))
+    assert got_clip.dtype == torch.float32 and got_sig.dtype == torch.float32
+    ref_clip = naive_clip(img64, txt64, torch.tensor(t, dtype=DT)).item()
+    ref_sig = naive_siglip(img64, txt64, torch.tensor(t, dtype=DT), torch.tensor(-10.0, dtype=DT)).item()
+    bound = 0.0
+    for logits, dd in ((t * cos, d), (t * cos.T, d.T)):
+        p = logits.softmax(-1)
+        sens = (p - torch.eye(B, dtype=DT)).abs()
+        bound += ((sens * dd).sum(-1) + dd.max(-1).values ** 2 / 2).sum() / (2 * B)
+    assert abs(got_clip.item() - ref_clip) <= bound + 1e-6 * ref_clip, (got_clip.item(), ref_clip, bound)
+    z = 2 * torch.eye(B, dtype=DT) - 1
+    bound = (torch.sigmoid(-z * (t * cos - 10)) * d + d ** 2 / 8).sum() / B
+    assert abs(got_sig.item() - ref_sig) <= bound + 1e-6 * ref_sig, (got_sig.item(), ref_sig, bound)
+
+
+def test_distillation_losses_under_bf16_autocast_reduce_in_float32_and_keep_float32_centres():
+    """The self-distillation losses upcast their bf16 logits before any arithmetic, so on bf16 inputs
+    they equal the float64 naive loops on the same numbers to float32 precision (rel 1e-5; a bf16
+    softmax would be off by ~u |logit| / tau, about 0.04 here). The centres stay float32."""
+    g = torch.Generator().manual_seed(4)
+    B, K, N = 3, 6, 5
+    student = [(torch.randn(B, K, generator=g) * 0.5).bfloat16() for _ in range(4)]
+    teacher = [(torch.randn(B, K, generator=g) * 0.5).bfloat16() for _ in range(2)]
+    l2g = LocalToGlobalLoss(K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = l2g(student, teacher, teacher_temp=0.04)
+        l2g.update_center(losses.center_stats(teacher))
+    expected, _ = naive_l2g([s.double().tolist() for s in student], [t.double().tolist() for t in teacher],
+                            [0.0] * K, 0.04, 0.1)
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(expected, rel=1e-5)
+    assert l2g.center.dtype == torch.float32
+    torch.testing.assert_close(l2g.center[0].double(), 0.1 * torch.cat(teacher).double().mean(0),
+                               rtol=1e-6, atol=1e-7)
+    s, t = torch.randn(B, N, K, generator=g).bfloat16(), torch.randn(B, N, K, generator=g).bfloat16()
+    mask = torch.rand(B, N, generator=g) < 0.5
+    md = MaskedDistillLoss(K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = md(s, t, mask, teacher_temp=0.06)
+        md.update_center(losses.center_stats(t))
+    terms = [naive_soft_ce(t[b, n].double().tolist(), s[b, n].double().tolist(), [0.0] * K, 0.06, 0.1)
+             for b in range(B) for n in range(N) if mask[b, n]]
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert md.center.dtype == torch.float32
+    logits, labels = torch.randn(B, N, K, generator=g).bfloat16(), torch.randint(K, (B, N), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = mlm_loss(logits, labels)
+    rows = logits.double().flatten(0, 1).tolist()
+    naive = sum(math.log(sum(math.exp(z) for z in r)) - r[y] for r, y in zip(rows, labels.flatten().tolist()))
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(naive / len(rows), rel=1e-5)

@@ -148,22 +148,80 @@ def assert_same_run(a, b, atol=1e-5, params_atol=1e-5, steps=None):
             torch.testing.assert_close(ca["teacher"][k], cb["teacher"][k], atol=params_atol, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
-def test_ddp_two_processes_equal_one_process(tmp_path, loss):
-    """torchrun --nproc_per_node=2 (gloo, CPU) on the same global batch gives the same losses and
-    parameters as one process: the local contrastive loss with gathered features is exact."""
-    args = ["--steps=3", "--batch_size=16", f"--loss={loss}"]
-    run_train(tmp_path / "one", *args)
-    run_train(tmp_path / "two", *args, nproc=2)
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, params_atol=2e-5)
+# Every method under DDP. One worker process per world size runs all the cases (tests/ddp_train_worker.py),
+# so the imports and the process start are paid once. 3 steps, global batch 8.
+DDP_BASE = SMALL + ["--steps=3", "--batch_size=8", "--n_local_crops=2", "--ckpt_interval=1"]
+DDP_CASES = [
+    {"name": "clip_softmax", "args": DDP_BASE + ["--method=clip", "--loss=softmax"]},
+    {"name": "clip_sigmoid", "args": DDP_BASE + ["--method=clip", "--loss=sigmoid"]},
+    {"name": "silc", "args": DDP_BASE + ["--method=silc"]},
+    {"name": "maskclip_drop", "args": DDP_BASE + ["--method=maskclip", "--mask_mode=drop"]},
+    {"name": "maskclip_token", "args": DDP_BASE + ["--method=maskclip", "--mask_mode=token", "--mask_kind=block"]},
+    {"name": "silc+maskclip", "args": DDP_BASE + ["--method=silc+maskclip", "--mlm_weight=0.05"]},
+    # 2 ranks x 2 micro-batches against 1 process with the whole batch at once
+    {"name": "silc+maskclip_accum", "args": DDP_BASE + ["--method=silc+maskclip", "--mlm_weight=0.05"],
+     "ddp_args": ["--grad_accum=2"]},
+]
+NAN_CASE = {"name": "nan_on_rank1", "args": DDP_BASE + ["--steps=4", "--method=silc"], "nan_at_call": 1}
 
 
-def test_ddp_silc_equals_one_process(tmp_path):
-    """SILC under DDP: the centre is all-reduced, the teacher follows identical students."""
-    args = ["--steps=2", "--batch_size=8", "--method=silc", "--n_local_crops=2"]
-    run_train(tmp_path / "one", *args)
-    run_train(tmp_path / "two", *args, nproc=2)
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, params_atol=2e-5)
+def run_worker(out_dir, cases, nproc):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cases.json").write_text(json.dumps(cases))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    worker = os.path.join(ROOT, "tests", "ddp_train_worker.py")
+    cmd = [sys.executable, worker] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv-endpoint=localhost:0", "--rdzv-backend=c10d", worker]
+    p = subprocess.run(cmd + [str(out_dir), str(out_dir / "cases.json")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_train")
+    run_worker(root / "one", DDP_CASES, nproc=1)
+    p = run_worker(root / "two", DDP_CASES + [NAN_CASE], nproc=2)
+    return root, p
+
+
+@pytest.mark.parametrize("case", [c["name"] for c in DDP_CASES])
+def test_every_method_under_torchrun_equals_one_process(ddp_runs, case):
+    """torchrun --nproc_per_node=2 (gloo, CPU) on the same global batch as one process: the first
+    step's gradients (on every rank, as the optimizer sees them), every logged loss, and the weights
+    after 3 steps (student, heads, centres and teacher) agree. A constant-factor gradient error,
+    which AdamW would normalise away in the weights, shows in the gradients."""
+    root, _ = ddp_runs
+    one, two = root / "one" / case, root / "two" / case
+    ref = torch.load(one / "grads_rank0.pt", weights_only=True)
+    assert len(ref) > 10
+    for rank in range(2):
+        got = torch.load(two / f"grads_rank{rank}.pt", weights_only=True)
+        assert got.keys() == ref.keys(), (rank, sorted(got.keys() ^ ref.keys()))
+        for name in ref:
+            scale = ref[name].abs().max().item()
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4 * scale + 1e-9, msg=name)
+    assert_same_run(one, two, atol=1e-5, params_atol=1e-5)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(ddp_runs):
+    """Rank 1 alone gets a NaN loss at its second step: both ranks stop with exit code 1 before the bad
+    update, and the checkpoint on disk is the last good step."""
+    root, p = ddp_runs
+    run = root / "two" / "nan_on_rank1"
+    codes = [json.loads((run / f"exit_rank{r}.json").read_text())["code"] for r in range(2)]
+    assert codes == [1, 1]
+    assert "non-finite loss at step 1" in p.stdout
+    assert read_params(run)["step"] == 1
+
+
+def test_torchrun_maskclip_from_the_command_line(tmp_path):
+    """The command that crashed ("Expected to have finished reduction in the prior iteration"): MaskCLIP
+    in drop mode leaves the ViT's mask token out of the loss, so it must be frozen, not waited for."""
+    p = run_train(tmp_path / "mc", "--method=maskclip", "--steps=3", "--batch_size=8", nproc=2)
+    assert "Traceback" not in p.stderr and len(read_log(tmp_path / "mc")) == 3
 
 
 @pytest.mark.parametrize("method", ["clip", "silc", "maskclip"])
@@ -225,7 +283,7 @@ def test_torch_compile_training_step_matches_eager(method):
     batch = collate_fn([dataset[i] for i in range(8)])
     t_out, temp = None, 0.04
     if eager.use_mask:
-        train.add_masks(batch, cfg, clip_cfg, step=0, chunk=0, n_chunks=1)
+        train.add_masks(batch, cfg, clip_cfg, step=0, first_index=0)
         t_out = train.teacher_forward(make_teacher(eager.image_student()), batch, eager.use_sd, eager.use_mask)
     out_e = eager(batch, t_out, temp)
     out_c = compiled(batch, t_out, temp)
@@ -254,7 +312,7 @@ def test_masked_training_step_traces_as_one_graph(method):
     teacher = make_teacher(pretrainer.image_student())
     dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tok)
     batch = collate_fn([dataset[i] for i in range(4)])
-    train.add_masks(batch, cfg, clip_cfg, step=0, chunk=0, n_chunks=1)
+    train.add_masks(batch, cfg, clip_cfg, step=0, first_index=0)
     t_out = train.teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(pretrainer)(batch, t_out, 0.04)
@@ -275,3 +333,304 @@ def test_silc_teacher_neither_collapses_nor_goes_uniform(tmp_path):
     assert all(0.1 * log_k < h < 0.97 * log_k for h in ent), ent
     # and the centring + sharpening let it move: the teacher is not stuck at its initial entropy
     assert max(ent) - min(ent) > 0.05, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# The step itself, in-process: masks, MLM padding, gradient accumulation, global RNG
+# ---------------------------------------------------------------------------------------------
+def small_setup(*args, dtype=torch.float32):
+    """(cfg, clip_cfg, pretrainer, teacher, dataset, collate_fn) for a SMALL model, as main() builds them."""
+    from data import build_train_data
+    from ema import make_teacher
+    cfg = train.resolve_method_defaults(train.parse_args(SMALL + list(args)))
+    clip_cfg, tok = train.build_model_config(cfg)
+    torch.manual_seed(cfg.seed)
+    pretrainer = train.Pretrainer(cfg, clip_cfg).to(dtype)
+    teacher = make_teacher(pretrainer.image_student()) if (pretrainer.use_sd or pretrainer.use_mask) else None
+    dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tok)
+    return cfg, clip_cfg, pretrainer, teacher, dataset, collate_fn
+
+
+def loader_batches(cfg, clip_cfg, dataset, collate_fn, step, world, rank, accum, batch_size, trim=True):
+    """The micro-batches rank `rank` of `world` prepares at `step`, read as main() reads them."""
+    sampler = iter(train.StepSampler(len(dataset), batch_size, world, rank, accum, cfg.seed, start_step=step))
+    micro = batch_size // (world * accum)
+    seeded = train.SeededSample(dataset, cfg.seed)
+    out = []
+    for a in range(accum):
+        batch = collate_fn([seeded[key] for key in next(sampler)])
+        batch.pop("skipped")
+        out.append(train.prepare_batch(batch, cfg, clip_cfg, step, (a * world + rank) * micro, "cpu", trim=trim))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["random", "block"])
+def test_masks_and_mlm_corruption_do_not_depend_on_ranks_or_micro_batches(kind):
+    """Model-free: at a given step, the patch masks and the MLM inputs/labels of 2 ranks x 2 micro-batches,
+    concatenated in global order (micro-batch a of rank r holds positions (a * W + r) * b ...), equal
+    the one-process output. Before the fix, rank 1's rows came from a generator seeded by its chunk."""
+    cfg, clip_cfg, _, _, dataset, collate_fn = small_setup("--method=maskclip", "--mlm_weight=0.05",
+                                                           f"--mask_kind={kind}")
+    L = clip_cfg.context_length
+
+    def padded(x, fill):
+        return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=fill)
+
+    for step in (0, 3):
+        (ref,) = loader_batches(cfg, clip_cfg, dataset, collate_fn, step, world=1, rank=0, accum=1, batch_size=16)
+        parts = {}
+        for rank in range(2):
+            for a, b in enumerate(loader_batches(cfg, clip_cfg, dataset, collate_fn, step, 2, rank, 2, 16)):
+                parts[a * 2 + rank] = b
+        got = [parts[c] for c in range(4)]
+        assert torch.equal(torch.cat([b["patch_mask"] for b in got]), ref["patch_mask"])
+        assert ref["patch_mask"].sum(1).eq(round(0.75 * ref["patch_mask"].shape[1])).all()
+        for key, fill in (("mlm_inputs", clip_cfg.pad_token_id), ("mlm_labels", -100)):
+            assert torch.equal(torch.cat([padded(b[key], fill) for b in got]), padded(ref[key], fill)), key
+        assert (ref["mlm_labels"] != -100).sum() > 10
+    # and the untrimmed (compiled) path corrupts the caption the same way
+    (full,) = loader_batches(cfg, clip_cfg, dataset, collate_fn, 3, 1, 0, 1, 16, trim=False)
+    assert torch.equal(full["mlm_inputs"], padded(ref["mlm_inputs"], clip_cfg.pad_token_id))
+
+
+def test_mlm_decoder_ignores_padding_so_trimming_changes_nothing():
+    """The MLM branch must not attend to padding: its loss is the same on the trimmed caption (eager)
+    and on the full context (torch.compile's fixed shape). Before the fix the decoder got no token ids,
+    attended to the padding features, and the two differed."""
+    cfg, clip_cfg, pretrainer, _, dataset, collate_fn = small_setup("--method=maskclip", "--mlm_weight=0.05")
+    (trimmed,) = loader_batches(cfg, clip_cfg, dataset, collate_fn, 0, 1, 0, 1, 8, trim=True)
+    (full,) = loader_batches(cfg, clip_cfg, dataset, collate_fn, 0, 1, 0, 1, 8, trim=False)
+    assert full["mlm_inputs"].shape[1] > trimmed["mlm_inputs"].shape[1] + 10
+    a, b = pretrainer.mlm(trimmed), pretrainer.mlm(full)
+    assert a.item() == pytest.approx(b.item(), abs=1e-6)
+    assert 1.0 < a.item() < 10.0
+
+
+def split_batch(batch, k):
+    """A collated batch -> k equal micro-batches (crops are [views, B, ...], the rest [B, ...])."""
+    b = len(batch["captions"]) // k
+    parts = []
+    for j in range(k):
+        sl = slice(j * b, (j + 1) * b)
+        part = {}
+        for key, v in batch.items():
+            if key in ("global_crops", "local_crops"):
+                part[key] = v[:, sl]
+            elif torch.is_tensor(v) or isinstance(v, list):
+                part[key] = v[sl]
+        parts.append(part)
+    return parts
+
+
+@pytest.mark.parametrize("args", [["--method=clip"], ["--method=clip", "--loss=sigmoid"], ["--method=silc"],
+                                  ["--method=maskclip", "--mlm_weight=0.05"],
+                                  ["--method=silc+maskclip", "--mlm_weight=0.05"]],
+                         ids=["clip", "siglip", "silc", "maskclip", "silc+maskclip"])
+def test_grad_accum_equals_one_batch_twice_as_large(args):
+    """float64: accumulate_gradients over 2 micro-batches of b gives the same loss terms, the same
+    gradient of every parameter and the same centres as one micro-batch of 2b. The contrastive loss
+    keeps all 2b pairs (open_clip's cached-feature accumulation), the distillation terms are weighted
+    by their share, the centres move once per step. Before, each micro-batch had only b negatives."""
+    import copy
+    cfg, clip_cfg, pt, teacher, dataset, collate_fn = small_setup(*args, "--n_local_crops=2", dtype=torch.float64)
+    batch = collate_fn([train.SeededSample(dataset, 0)[(i, 0)] for i in range(8)])
+    batch.pop("skipped")
+    batch = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+    results = []
+    for k in (1, 2):
+        model, t = copy.deepcopy(pt), copy.deepcopy(teacher)
+        micro = [train.prepare_batch(b, cfg, clip_cfg, 0, j * (8 // k), "cpu") for j, b in enumerate(split_batch(batch, k))]
+        terms = train.accumulate_gradients(model, model, t, micro, 0, cfg)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((terms, grads, {n: b.clone() for n, b in model.named_buffers()}))
+    (t1, g1, c1), (t2, g2, c2) = results
+    for name in ("contrastive", "sd", "dist", "mlm", "loss"):
+        if name in t1:
+            assert t2[name].item() == pytest.approx(t1[name].item(), rel=1e-12, abs=1e-12), name
+    assert g1.keys() == g2.keys() and "clip.logit_scale" in g1
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-9, atol=1e-12, msg=n)
+    for n in c1:
+        torch.testing.assert_close(c2[n], c1[n], rtol=1e-12, atol=1e-12, msg=n)
+    if pt.use_sd:
+        assert c1["l2g_loss.center"].abs().sum() > 0       # the centre did move
+
+
+def test_a_step_draws_from_no_global_generator():
+    """Resume is exact by construction: nothing in a training step reads torch's, numpy's or Python's
+    global random state (crops are seeded per sample, masks per sample and step), so a checkpoint
+    needs none of it. Two steps from the same weights under different global seeds are identical."""
+    import copy
+    import random
+    import numpy as np
+    cfg, clip_cfg, pt, teacher, dataset, collate_fn = small_setup("--method=silc+maskclip", "--mlm_weight=0.05",
+                                                                 "--n_local_crops=2")
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        model, t = copy.deepcopy(pt), copy.deepcopy(teacher)
+        opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+        batches = loader_batches(cfg, clip_cfg, dataset, collate_fn, 2, 1, 0, 1, 8)
+        train.train_step(model, model, t, opt, batches, 2, cfg)
+        results.append({**model.state_dict(), **{"teacher." + k: v for k, v in t.state_dict().items()}})
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_teacher_switch_on_at_sd_start_resumes_exactly_and_follows_the_closed_forms(tmp_path):
+    """SigLIP 2's late start: --sd_start=0.5 of 8 steps switches distillation on at step 4, with the
+    teacher reset to the student. With a cosine momentum and a 0.04 -> 0.07 teacher temperature:
+      * stopped at steps 4 and 5 and resumed to 8, the run equals the uninterrupted one exactly;
+      * the teacher after step 4 is the student copy followed by one EMA step,
+        teacher_5 = m_4 * student_4 + (1 - m_4) * student_5;
+      * the logged temperature and momentum are their closed forms counted from the start step."""
+    import math
+    args = ["--method=silc", "--steps=8", "--batch_size=8", "--n_local_crops=2", "--sd_start=0.5",
+            "--momentum_schedule=cosine", "--teacher_momentum=0.9", "--teacher_temp_warmup=0.04",
+            "--teacher_temp=0.07", "--teacher_temp_warmup_frac=0.5"]
+    run_train(tmp_path / "full", *args)
+    run_train(tmp_path / "split", *args, "--stop_at=4")
+    student_4 = read_params(tmp_path / "split")
+    run_train(tmp_path / "split", *args, "--resume=True", "--stop_at=5")
+    at_5 = read_params(tmp_path / "split")
+    run_train(tmp_path / "split", *args, "--resume=True")
+    assert_same_run(tmp_path / "full", tmp_path / "split", atol=0, params_atol=0, steps={6, 7, 8})
+
+    start, steps = 4, 8
+
+    def momentum(t):       # DINO's cosine from 0.9 to 1 over the distillation steps
+        return 1 - (1 - 0.9) * (1 + math.cos(math.pi * (t - start) / (steps - start))) / 2
+
+    def temperature(t):    # linear 0.04 -> 0.07 over int(0.5 * (8 - 4)) = 2 steps, then flat
+        return 0.04 + 0.03 * min(1.0, (t - start) / 2)
+
+    m4 = momentum(4)
+    for name, t5 in at_5["teacher"].items():    # visual.* sits in the CLIP state, head.* in "extra"
+        part = "model" if name.startswith("visual.") else "extra"
+        s4, s5 = student_4[part][name], at_5[part][name]
+        torch.testing.assert_close(t5, m4 * s4 + (1 - m4) * s5, rtol=1e-6, atol=1e-7)   # float32 rounding
+    log = {r["step"]: r for r in read_log(tmp_path / "full")}
+    assert all("teacher_temp" not in log[s] and "sd" not in log[s] for s in range(1, 5))   # off before the start
+    for t in range(4, 8):          # log step t + 1 is written after step t
+        assert log[t + 1]["teacher_temp"] == pytest.approx(temperature(t), abs=5e-7)   # logged to 6 decimals
+        assert log[t + 1]["momentum"] == pytest.approx(momentum(t), abs=5e-7)
+    assert [round(log[t]["teacher_temp"], 6) for t in (5, 6, 7, 8)] == [0.04, 0.055, 0.07, 0.07]
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes evaluation: retrieval and zero-shot classification
+# ---------------------------------------------------------------------------------------------
+def naive_recall(sim, match, k):
+    """Each query: sort the candidates by similarity, the wrong ones first among equals (ties count
+    against the query); a hit if a correct one sits in the first k places."""
+    hits = 0
+    for q in range(len(sim)):
+        order = sorted(range(len(sim[q])), key=lambda c: (-float(sim[q][c]), bool(match[q][c])))
+        hits += any(bool(match[q][c]) for c in order[:k])
+    return hits / len(sim)
+
+
+def test_recall_at_k_by_hand_and_against_a_naive_loop_with_ties():
+    sim = torch.tensor([[0.9, 0.5, 0.9, 0.1],     # q0: correct c0 ties with wrong c2 -> rank 1
+                        [0.2, 0.8, 0.3, 0.4],     # q1: correct c1 is the best -> rank 0
+                        [0.5, 0.5, 0.5, 0.5],     # q2: all tied -> rank 3 (every wrong one counts)
+                        [0.1, 0.7, 0.6, 0.9]])    # q3: correct c2 and c3 (same caption) -> rank 0
+    match = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    r = train.recall_at_k(sim, match, ks=(1, 2, 3, 4))
+    assert r == {1: 0.5, 2: 0.75, 3: 0.75, 4: 1.0}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        sim = torch.randint(0, 4, (30, 20), generator=g).float()        # many ties
+        match = torch.rand(30, 20, generator=g) < 0.1
+        r = train.recall_at_k(sim, match, ks=(1, 5))
+        for k in (1, 5):
+            assert r[k] == pytest.approx(naive_recall(sim.tolist(), match.tolist(), k), abs=1e-6)
+
+
+def test_shapes_evaluation_against_a_hand_built_classifier():
+    """train.evaluate's zero-shot accuracy and retrieval, recomputed naively: the classifier built by
+    hand (every class name in every template, one caption at a time, averaged, normalised), argmax per
+    image; retrieval by the naive loop over the model's own similarities."""
+    import torch.nn.functional as F
+    from data import SHAPES_TEMPLATES, ShapesDataset, collate
+    cfg, clip_cfg, pt, _, _, _ = small_setup("--eval_samples=24", "--image_size=32")
+    torch.manual_seed(3)
+    for p in pt.clip.parameters():                      # a random model, but a varied one
+        p.data.add_(0.5 * torch.randn_like(p))
+    tok = train.build_model_config(cfg)[1]
+    m = train.evaluate(pt.clip, cfg, tok, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    single = ShapesDataset("val_single", size=32, length=24, seed=0)
+    with torch.no_grad():
+        classes = []
+        for name in single.class_names:
+            rows = [F.normalize(pt.clip.encode_text(tok([t.format(name)])), dim=-1)[0] for t in SHAPES_TEMPLATES]
+            classes.append(F.normalize(torch.stack(rows).mean(0), dim=0))
+        classes = torch.stack(classes)                                              # [8, E]
+        correct = 0
+        for i in range(len(single)):
+            image = collate([single[i]], tok)["images"]
+            pred = int((pt.clip.encode_image(image)[0] @ classes.T).argmax())
+            correct += pred == single[i]["label"]
+        assert m["zeroshot_acc"] == pytest.approx(correct / len(single), abs=1e-9)
+        assert 0 < correct < len(single)
+        val = ShapesDataset("val", size=32, length=24, seed=0)
+        items = [val[i] for i in range(len(val))]
+        im = torch.cat([pt.clip.encode_image(collate([it], tok)["images"]) for it in items])
+        tx = torch.cat([pt.clip.encode_text(tok([it["caption"]])) for it in items])
+    same = [[a["caption"] == b["caption"] for b in items] for a in items]
+    sim = (im @ tx.T).tolist()
+    assert m["i2t_r1"] == pytest.approx(naive_recall(sim, same, 1), abs=1e-6)
+    assert m["t2i_r5"] == pytest.approx(naive_recall([list(r) for r in zip(*sim)], same, 5), abs=1e-6)
+
+
+def test_skips_in_dataloader_workers_reach_the_log(tmp_path):
+    """Each DataLoader worker counts the samples it skips in its own process; the batches carry the
+    counts to the loop, which logs their sum. 16 csv rows, rows 3 and 10 unreadable, 2 workers, one
+    epoch (2 steps of 8): each bad row is met once, so the log says 2."""
+    import csv
+    from PIL import Image
+    os.makedirs(tmp_path / "img")
+    rows = []
+    for i in range(16):
+        path = tmp_path / "img" / f"{i}.png"
+        if i in (3, 10):
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (40, 36), (10 * i, 80, 160)).save(path)
+        rows.append((f"img/{i}.png", f"a picture of a circle number {i}"))
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title"])
+        w.writerows(rows)
+    run_train(tmp_path / "run", f"--data={tmp_path / 'data.csv'}", "--steps=2", "--batch_size=8",
+              "--num_workers=2", "--image_size=32")
+    log = read_log(tmp_path / "run")
+    assert [r["skipped"] for r in log][-1] == 2
+
+
+def test_a_checkpoint_write_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    """A subprocess writes checkpoints in a loop (train.atomic_save, as save_checkpoint does), each a
+    24 MB tensor filled with its own counter; SIGKILL at random moments, 6 times. Every time, the file
+    on disk loads with weights_only=True and is whole: its tensor holds one counter throughout."""
+    import random
+    import signal
+    import time
+    path = tmp_path / "ckpt.pt"
+    script = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); import train\n"
+              f"x = torch.empty(6_000_000)\n"
+              f"for i in range(10**9):\n"
+              f"    train.atomic_save({{'step': i, 'w': x.fill_(i)}}, {str(path)!r})\n"
+              f"    print(i, flush=True)\n")
+    rng = random.Random(0)
+    seen = set()
+    for trial in range(6):
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "0" or trial > 0    # at least one checkpoint written
+        time.sleep(rng.uniform(0.0, 0.4))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert (ckpt["w"] == ckpt["step"]).all() and ckpt["w"].numel() == 6_000_000
+        seen.add(ckpt["step"])
+    assert len(seen) > 1
