@@ -28,7 +28,7 @@ Two stems turn pixels into patch tokens:
   * "linear": a p x p convolution with stride p (one linear map per patch), as in public CLIP.
   * "conv": Xiao et al. 2021, "Early convolutions help transformers see better": log2(p) stride-2
     3x3 convolutions (each followed by a per-pixel LayerNorm and ReLU) and a final 1x1 convolution.
-    On our small shapes world it learned shape far faster than the linear stem (issue 2).
+    On the small shapes world it learned shape far faster than the linear stem (docs/experiments.md).
     BatchNorm (Xiao et al.'s choice) is replaced by a per-pixel LayerNorm: BatchNorm mixes the
     samples of a batch, which would make an image's features depend on its batch-mates (breaking
     masking invariances and DDP-vs-single-process equality).
@@ -50,6 +50,7 @@ Text tower: token + position embedding -> L x Block with a causal mask -> ln_fin
 features at the end-of-text (EOT) token (its causal view covers the whole caption) -> proj.
 """
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
@@ -503,6 +504,28 @@ class CLIP(nn.Module):
     def clamp_logit_scale(self):
         """Keep exp(s) in [1, 100] (CLIP clips the temperature at 100). Call after each optimizer step."""
         self.logit_scale.clamp_(0, math.log(100))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where and in what precision the model runs
+# ----------------------------------------------------------------------------------------------
+
+def pick_device(name: str = "auto") -> torch.device:
+    """A --device flag -> torch.device; "auto" is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """The precision the model runs in on `device`, as a context manager: bf16 autocast on CUDA (the
+    matmuls in bf16; the losses upcast before they reduce, losses.py), with TF32 allowed for any
+    float32 matmul left outside it; plain float32 on the CPU, where bf16 is slower."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------

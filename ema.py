@@ -14,24 +14,22 @@ reports that "the momentum scheduler of the EMA should not converge to 1.0" and 
 without publishing the value. The fixed value should let the teacher span a small fraction of the
 run: 0.996 (a ~250-step average, DINO's starting value) suits runs of tens of thousands of steps;
 for the short CPU runs of this repo (~1-2k steps) 0.99 (~100 steps, under 10% of the run) keeps
-the teacher from lagging far behind a student that is still changing quickly. `momentum_schedule`
-gives both: fixed by default, DINO's cosine on request.
+the teacher from lagging far behind a student that is still changing quickly. train.py's
+schedules give both: fixed by default, DINO's cosine on request (--momentum_schedule=cosine).
 
 Wrappers. The student may be wrapped by DistributedDataParallel (`.module`) and/or torch.compile
 (`._orig_mod`); the EMA always reads the raw module underneath, so parameter names match and no
 wrapper state is copied. The teacher holds no gradients (requires_grad False, .grad None) and is
 never given to an optimizer.
 
-Schedules: `cosine_schedule` lives here (used for the momentum; also fine for any other
-per-step value). The teacher-temperature schedule is in losses.py.
+What the teacher sees: only full images or global crops, under no_grad (DINO's stop-gradient); its
+heads' logits become the distillation targets (`teacher_forward`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -88,32 +86,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         buf.copy_(s_bufs[n])
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    start_warmup: float = 0.0) -> np.ndarray:
-    """Per-step values [total_steps]: linear start_warmup -> base over warmup_steps, then a half
-    cosine from base (first step after warmup) to final (last step). DINO's schedule shape."""
-    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got "
-                         f"total_steps={total_steps}, warmup_steps={warmup_steps}")
-    warm = np.linspace(start_warmup, base, warmup_steps, endpoint=False)
-    n = total_steps - warmup_steps
-    i = np.arange(n)
-    # progress runs from 0 at the first cosine step to 1 at the last one (a 1-step tail is just base)
-    progress = i / max(1, n - 1)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * progress))
-    return np.concatenate([warm, cos])
-
-
-def momentum_schedule(total_steps: int, base: float = 0.99, final: float | None = None) -> np.ndarray:
-    """Per-step EMA momentum [total_steps].
-
-    final None (default): FIXED at base, as SILC recommends (a schedule converging to 1 hurts).
-    final given: DINO's cosine base -> final (DINO: 0.996 -> 1.0).
-    The default base 0.99 is for this repo's short runs (see the module docstring); use ~0.996
-    or above for long runs.
-    """
-    if final is None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        return np.full(total_steps, base, dtype=np.float64)
-    return cosine_schedule(base, final, total_steps)
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, batch: dict, use_sd: bool, use_mask: bool) -> dict:
+    """The teacher's targets for a batch (see data.collate): it sees the global crops (or the plain
+    images), never the local ones.
+      "global": SILC's pooled targets, a list over global views of head logits [b, K];
+      "patch":  MaskCLIP's patch targets, patch-head logits [b, N, K] of the first view (the one the
+                masked student sees)."""
+    out = {}
+    src = batch["global_crops"] if "global_crops" in batch else batch["images"].unsqueeze(0)
+    n_g, b = src.shape[:2]
+    _, tok = teacher["visual"](src.flatten(0, 1))                               # [n_g*b, 1+N, D]
+    if use_sd:
+        out["global"] = list(teacher["head"](tok[:, 0]).chunk(n_g))             # n_g x [b, K]
+    if use_mask:
+        out["patch"] = teacher["patch_head"](tok[:b, 1:])                       # [b, N, K] of view 0
+    return out

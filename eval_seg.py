@@ -1,5 +1,4 @@
-"""
-eval_seg.py: zero-shot semantic segmentation with a CLIP model, measured the way papers measure it.
+"""eval_seg.py: zero-shot semantic segmentation with a CLIP model, measured the way papers measure it.
 
 The idea. CLIP (Radford et al. 2021) puts whole images and captions in one space. If the ViT's
 PATCH tokens land in that same space, every patch can be classified by the class name it is most
@@ -43,6 +42,13 @@ IoU_c = TP_c / (TP_c + FP_c + FN_c), mIoU = mean over the classes with a non-zer
 accuracy = trace / total. fg-mIoU (mean over the foreground classes only) when there is a background.
 Results are reported in PERCENT, like the papers.
 
+The shapes world also gets the image-level zero-shot measures (`shapes_metrics`, what train.py
+logs): image<->text retrieval R@k on its val split and zero-shot classification of single-object
+images, with the same text classifier.
+
+The benchmark readers, layouts and class names are in loaders/segmentation.py, the prompt templates
+in loaders/templates.py; loaders/pretrained.py reads checkpoints.
+
 Run:
     python eval_seg.py --ckpt out/ckpt.pt                                 # shapes val split
     python eval_seg.py --ckpt out/ckpt.pt --dataset voc20 --root /data/VOCdevkit --dense maskclip
@@ -56,7 +62,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,146 +69,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from clip import CLIP, CLIPConfig, trim_padding
-from data import BACKGROUND_NAMES, CLIP_MEAN, CLIP_STD, SHAPES_TEMPLATES, ByteTokenizer, ShapesDataset
+from clip import autocast_for, pick_device, trim_padding
+from data import collate, normalize
+from loaders.pretrained import load_model_from_checkpoint
+from loaders.segmentation import DATASETS, IGNORE_INDEX, dataset_defaults, load_dataset
+from loaders.shapes import SHAPES_TEMPLATES, ShapesDataset
+from loaders.templates import get_templates
 
-IGNORE_INDEX = 255
-CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
 DENSE_MODES = ("naive", "maskclip", "sclip", "clearclip")
-
-# -----------------------------------------------------------------------------------------------
-# Prompt templates
-# -----------------------------------------------------------------------------------------------
-# The 80 prompt templates OpenAI used for zero-shot ImageNet (CLIP, Radford et al. 2021), which the
-# zero-shot segmentation papers (MaskCLIP-trick, SCLIP, ClearCLIP, NACLIP) reuse unchanged.
-OPENAI_TEMPLATES = [
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "a photo of a {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.",
-    "a plushie {}.",
-    "a photo of the nice {}.",
-    "a photo of the small {}.",
-    "a photo of the weird {}.",
-    "the cartoon {}.",
-    "art of the {}.",
-    "a drawing of the {}.",
-    "a photo of the large {}.",
-    "a black and white photo of a {}.",
-    "the plushie {}.",
-    "a dark photo of a {}.",
-    "itap of a {}.",
-    "graffiti of the {}.",
-    "a toy {}.",
-    "itap of my {}.",
-    "a photo of a cool {}.",
-    "a photo of a small {}.",
-    "a tattoo of the {}.",
-]
-# The 7-template subset that OpenAI's prompt-engineering notebook found best on ImageNet.
-SHORT_TEMPLATES = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
-
-
-def get_templates(templates) -> list[str]:
-    """"openai" | "short" | "shapes" | a list of strings with "{}" -> the list of templates."""
-    if isinstance(templates, str):
-        table = {"openai": OPENAI_TEMPLATES, "short": SHORT_TEMPLATES, "shapes": list(SHAPES_TEMPLATES)}
-        if templates not in table:
-            raise ValueError(f"unknown templates {templates!r}; choose one of {sorted(table)} or pass a list")
-        templates = table[templates]
-    templates = list(templates)
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(f"templates must be a non-empty list of strings containing '{{}}'; bad: {bad}")
-    return templates
-
 
 # -----------------------------------------------------------------------------------------------
 # Text classifier
 # -----------------------------------------------------------------------------------------------
-
-def read_class_names(path) -> list[list[str]]:
-    """A class-name file: one class per line, synonyms separated by commas -> [[name, synonym, ...], ...]."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file {path} not found (one class per line, synonyms "
-                                f"separated by commas)")
-    classes = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        names = [n.strip() for n in line.split(",") if n.strip()]
-        if not names:
-            raise ValueError(f"{path}, line {i + 1}: empty class name (every line must name one class)")
-        classes.append(names)
-    if not classes:
-        raise ValueError(f"{path} holds no class names")
-    return classes
-
 
 @torch.no_grad()
 def build_text_classifier(model, tokenizer, class_names, templates, batch_size=256, device=None):
@@ -484,288 +361,6 @@ def miou_from_confusion(counts, background_index=None):
 
 
 # -----------------------------------------------------------------------------------------------
-# Datasets: standard layouts and label conventions
-# -----------------------------------------------------------------------------------------------
-
-def read_image(path):
-    """Any image file -> uint8 tensor [3, H, W] (RGB)."""
-    with Image.open(path) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def read_label_png(path):
-    """A label PNG -> int64 array [H, W] of class indices.
-
-    Palette PNGs (mode "P", e.g. VOC) are read as their palette INDICES, never converted to RGB;
-    grayscale PNGs (mode "L"/"I") as their values. An RGB mask is a colour rendering, not labels.
-    """
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{path}: label image has mode {im.mode!r}; expected a palette ('P') or "
-                             f"grayscale ('L') PNG of class indices (colour-rendered masks cannot be read)")
-        return np.array(im).astype(np.int64)
-
-
-def reduce_zero_label(label):
-    """mmsegmentation's convention: 0 (background / "other") -> 255 (ignored), every other class - 1."""
-    label = label.copy()
-    label[label == 0] = IGNORE_INDEX
-    label -= 1                                                         # 255 (old 0 and old void) -> 254
-    label[label == IGNORE_INDEX - 1] = IGNORE_INDEX                    # ... -> 255 again: both ignored
-    return label
-
-
-class SegmentationDataset(torch.utils.data.Dataset):
-    """A list of (image file, label file) pairs and the conventions to read them.
-
-    Items: dict(image=uint8 [3, H, W], mask=long [H, W] (255 = ignore), name=str).
-    Attributes used by evaluate_segmentation: name, class_names (list of synonym lists, one per
-    label id), background_index (label id of the background class, or None).
-    """
-
-    def __init__(self, name, pairs, class_names, background_index=None, reduce_zero_label=False, hint=""):
-        self.name, self.pairs, self.class_names = name, list(pairs), class_names
-        self.background_index = background_index
-        self.reduce_zero_label = reduce_zero_label
-        self.hint = hint                                               # shown when a label is out of range
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        img_path, label_path = self.pairs[i]
-        image = read_image(img_path)                                   # [3, H, W] uint8
-        label = read_label_png(label_path)                             # [H, W] int64
-        if self.reduce_zero_label:
-            label = reduce_zero_label(label)
-        if label.shape != tuple(image.shape[1:]):
-            raise ValueError(f"{label_path}: label size {label.shape} differs from image size "
-                             f"{tuple(image.shape[1:])} of {img_path}")
-        bad = np.setdiff1d(np.unique(label), np.r_[np.arange(len(self.class_names)), IGNORE_INDEX])
-        if len(bad):
-            raise ValueError(f"{label_path}: label values {bad.tolist()[:10]} are not class ids "
-                             f"0..{len(self.class_names) - 1} or {IGNORE_INDEX}. {self.hint}")
-        return {"image": image, "mask": torch.from_numpy(label), "name": Path(img_path).stem}
-
-
-LAYOUTS = {
-    "voc": """VOCdevkit/                      (--root: VOCdevkit or VOCdevkit/VOC2012)
-  VOC2012/
-    JPEGImages/<id>.jpg
-    SegmentationClass/<id>.png     palette PNG: 0 background, 1-20 classes, 255 void
-    ImageSets/Segmentation/val.txt one <id> per line""",
-    "context": """VOCdevkit/                      (--root: VOCdevkit or VOCdevkit/VOC2010)
-  VOC2010/
-    JPEGImages/<id>.jpg
-    SegmentationClassContext/<id>.png   0 background, 1-59 classes (mmsegmentation's
-                                        tools/dataset_converters/pascal_context.py writes these)
-    ImageSets/SegmentationContext/val.txt""",
-    "ade": """ADEChallengeData2016/            (--root: it or its parent)
-  images/validation/*.jpg
-  annotations/validation/*.png     0 other (ignored), 1-150 classes""",
-    "cityscapes": """cityscapes/                     (--root)
-  leftImg8bit/val/<city>/<name>_leftImg8bit.png
-  gtFine/val/<city>/<name>_gtFine_labelTrainIds.png   0-18, 255 ignore (made by cityscapesscripts'
-                                                       createTrainIdLabelImgs)""",
-    "cocostuff": """coco_stuff164k/                 (--root)
-  images/val2017/<id>.jpg
-  annotations/val2017/<id>_labelTrainIds.png   0-170, 255 ignore (made by mmsegmentation's
-                                               tools/dataset_converters/coco_stuff164k.py)""",
-    "folder": """<root>/
-  images/<name>.jpg|.png
-  masks/<name>.png                 palette or grayscale PNG of class ids, 255 = ignore
-  classes.txt                      one class per line (synonyms separated by commas), line i = id i""",
-}
-
-
-def _layout_error(kind, root, problem):
-    return FileNotFoundError(f"{problem}\n(looked under {root})\nExpected layout:\n{LAYOUTS[kind]}")
-
-
-def _find_dir(root, candidates, marker, kind):
-    """The first of root/<candidate> that contains `marker`; else a FileNotFoundError showing the layout."""
-    root = Path(root)
-    for cand in candidates:
-        if (root / cand / marker).exists():
-            return root / cand
-    raise _layout_error(kind, root, f"{marker} not found")
-
-
-def _pairs_from_list(base, list_file, img_dir, img_ext, label_dir, kind):
-    """(image, label) pairs for the ids listed in list_file; missing files -> error."""
-    if not (base / list_file).is_file():
-        raise _layout_error(kind, base, f"split file {list_file} not found")
-    ids = [s.strip() for s in (base / list_file).read_text().splitlines() if s.strip()]
-    pairs = [(base / img_dir / f"{i}{img_ext}", base / label_dir / f"{i}.png") for i in ids]
-    missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
-    if missing or not pairs:
-        raise _layout_error(kind, base, f"{len(missing)} listed files missing, e.g. {missing[:3]}"
-                            if missing else f"{list_file} lists no images")
-    return pairs
-
-
-def _pairs_by_stem(img_files, label_for, kind, root):
-    """Pair each image with label_for(image path); any missing label or no image -> error."""
-    img_files = sorted(img_files)
-    if not img_files:
-        raise _layout_error(kind, root, "no images found")
-    pairs = [(p, label_for(p)) for p in img_files]
-    missing = [str(l) for _, l in pairs if not l.is_file()]
-    if missing:
-        raise _layout_error(kind, root, f"{len(missing)} label files missing, e.g. {missing[:3]}")
-    return pairs
-
-
-def voc_dataset(root, with_background=False):
-    """Pascal VOC 2012 val (1449 images). voc21: background is class 0; voc20: reduce-zero-label."""
-    base = _find_dir(root, [".", "VOC2012", "VOCdevkit/VOC2012"], "JPEGImages", "voc")
-    pairs = _pairs_from_list(base, "ImageSets/Segmentation/val.txt", "JPEGImages", ".jpg",
-                             "SegmentationClass", "voc")
-    name = "voc21" if with_background else "voc20"
-    return SegmentationDataset(name, pairs, read_class_names(CLASSNAMES_DIR / f"{name}.txt"),
-                               background_index=0 if with_background else None,
-                               reduce_zero_label=not with_background)
-
-
-def context_dataset(root, with_background=False):
-    """Pascal Context val (5105 images). context60: background is class 0; context59: reduce-zero-label."""
-    base = _find_dir(root, [".", "VOC2010", "VOCdevkit/VOC2010"], "SegmentationClassContext", "context")
-    pairs = _pairs_from_list(base, "ImageSets/SegmentationContext/val.txt", "JPEGImages", ".jpg",
-                             "SegmentationClassContext", "context")
-    name = "context60" if with_background else "context59"
-    return SegmentationDataset(name, pairs, read_class_names(CLASSNAMES_DIR / f"{name}.txt"),
-                               background_index=0 if with_background else None,
-                               reduce_zero_label=not with_background)
-
-
-def ade_dataset(root):
-    """ADE20K (SceneParsing) val, 2000 images: 0 = other -> ignored, 1..150 -> 0..149."""
-    base = _find_dir(root, [".", "ADEChallengeData2016"], "images/validation", "ade")
-    pairs = _pairs_by_stem((base / "images/validation").glob("*.jpg"),
-                           lambda p: base / "annotations/validation" / f"{p.stem}.png", "ade", base)
-    return SegmentationDataset("ade150", pairs, read_class_names(CLASSNAMES_DIR / "ade150.txt"),
-                               reduce_zero_label=True)
-
-
-def cityscapes_dataset(root):
-    """Cityscapes val, 500 images, labelTrainIds (0-18, 255)."""
-    base = _find_dir(root, [".", "cityscapes"], "leftImg8bit/val", "cityscapes")
-
-    def label_for(p):
-        stem = p.name[: -len("_leftImg8bit.png")]
-        return base / "gtFine/val" / p.parent.name / f"{stem}_gtFine_labelTrainIds.png"
-
-    pairs = _pairs_by_stem((base / "leftImg8bit/val").glob("*/*_leftImg8bit.png"), label_for,
-                           "cityscapes", base)
-    return SegmentationDataset("cityscapes", pairs, read_class_names(CLASSNAMES_DIR / "cityscapes19.txt"),
-                               hint="Use the *_gtFine_labelTrainIds.png files, not labelIds.")
-
-
-def cocostuff_dataset(root):
-    """COCO-Stuff 164k val2017, 5000 images, labelTrainIds (0-170, 255)."""
-    base = _find_dir(root, [".", "coco_stuff164k"], "images/val2017", "cocostuff")
-    pairs = _pairs_by_stem((base / "images/val2017").glob("*.jpg"),
-                           lambda p: base / "annotations/val2017" / f"{p.stem}_labelTrainIds.png",
-                           "cocostuff", base)
-    return SegmentationDataset("cocostuff171", pairs, read_class_names(CLASSNAMES_DIR / "cocostuff171.txt"),
-                               hint="Use the *_labelTrainIds.png files from the mmseg converter.")
-
-
-def folder_dataset(root, background_index="auto"):
-    """A generic folder: images/, masks/ (same stem, .png), classes.txt. Labels are used as they are.
-
-    background_index: "auto" = the class whose first name is "background" (if any); an int; or None.
-    """
-    root = Path(root)
-    if not (root / "classes.txt").is_file() or not (root / "images").is_dir() or not (root / "masks").is_dir():
-        raise _layout_error("folder", root, "classes.txt, images/ or masks/ not found")
-    class_names = read_class_names(root / "classes.txt")
-    if background_index == "auto":
-        firsts = [c[0].lower() for c in class_names]
-        background_index = firsts.index("background") if "background" in firsts else None
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-    pairs = _pairs_by_stem([p for p in (root / "images").iterdir() if p.suffix.lower() in exts],
-                           lambda p: root / "masks" / f"{p.stem}.png", "folder", root)
-    return SegmentationDataset(root.name or "folder", pairs, class_names, background_index=background_index)
-
-
-# The background's names for its text prompts: the words the shapes captions use for it.
-SHAPES_BACKGROUND_NAMES = ("background",) + tuple(f"{kind} background" for kind in BACKGROUND_NAMES)
-
-
-class ShapesSegmentation(torch.utils.data.Dataset):
-    """data.py's procedural shapes, seen as a segmentation dataset: label 0 = background, k = shape class k.
-
-    class_names: [background names] + [[name] for each shape class]; background_index = 0.
-    """
-
-    def __init__(self, split="val", size=64, seed=0, length=None, background_names=SHAPES_BACKGROUND_NAMES):
-        kwargs = {} if length is None else {"length": length}
-        self.shapes = ShapesDataset(split=split, size=size, seed=seed, **kwargs)
-        self.name = f"shapes-{split}"
-        self.class_names = [list(background_names)] + [[n] for n in self.shapes.class_names]
-        self.background_index = 0
-
-    def __len__(self):
-        return len(self.shapes)
-
-    def __getitem__(self, i):
-        item = self.shapes[i]
-        return {"image": item["image"], "mask": item["mask"].long(), "name": f"{i:05d}"}
-
-
-def load_dataset(name, root=None, **kwargs):
-    """Dataset by name: shapes | voc20 | voc21 | context59 | context60 | ade150 | cityscapes |
-    cocostuff171 | folder. kwargs go to the reader (e.g. shapes: split, size, seed, length)."""
-    if name == "shapes":
-        return ShapesSegmentation(**kwargs)
-    if root is None:
-        raise ValueError(f"dataset {name!r} needs --root (the dataset folder)")
-    if not Path(root).exists():
-        raise FileNotFoundError(f"dataset root {root} does not exist")
-    if name in ("voc20", "voc21"):
-        return voc_dataset(root, with_background=name == "voc21")
-    if name in ("context59", "context60"):
-        return context_dataset(root, with_background=name == "context60")
-    if name == "ade150":
-        return ade_dataset(root)
-    if name == "cityscapes":
-        return cityscapes_dataset(root)
-    if name == "cocostuff171":
-        return cocostuff_dataset(root)
-    if name == "folder":
-        return folder_dataset(root, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASET_DEFAULTS)}")
-
-
-# The protocol per dataset (SCLIP / ClearCLIP configs). short_side=0: keep the native size;
-# crop=0: whole-image inference. prob_thresh: below it a pixel becomes background (0 = off).
-_REFERENCE = dict(short_side=336, crop=224, stride=112, logit_scale=40.0, templates="openai",
-                  bg_prompts=False, prob_thresh=0.0)
-DATASET_DEFAULTS = {
-    # Shapes images are tiny (64 px, the training size): whole image, native resolution. Background
-    # by its own prompts: the captions name it ("... on a striped background") in 1 of 5 samples.
-    # (Untuned: pick bg_prompts / prob_thresh on the "tune" split, never on val.)
-    "shapes": dict(short_side=0, crop=0, stride=0, logit_scale=40.0, templates="shapes",
-                   bg_prompts=True, prob_thresh=0.0),
-    "voc20": _REFERENCE,
-    "voc21": dict(_REFERENCE, bg_prompts=True, prob_thresh=0.1),   # SCLIP: background names + 0.1
-    "context59": _REFERENCE,
-    "context60": dict(_REFERENCE, bg_prompts=True, prob_thresh=0.1),
-    "ade150": _REFERENCE,
-    "cityscapes": dict(_REFERENCE, short_side=560),
-    "cocostuff171": _REFERENCE,
-    "folder": dict(_REFERENCE, bg_prompts=True),
-}
-
-
-def dataset_defaults(dataset):
-    """The protocol settings for a dataset object (by its name; shapes-* -> shapes, unknown -> folder)."""
-    name = dataset.name.split("-")[0] if dataset.name.startswith("shapes") else dataset.name
-    return dict(DATASET_DEFAULTS.get(name, DATASET_DEFAULTS["folder"]))
-
-
-# -----------------------------------------------------------------------------------------------
 # Pictures
 # -----------------------------------------------------------------------------------------------
 
@@ -874,12 +469,12 @@ def save_pca_picture(image, features, path, panel_height=192):
 
 
 # -----------------------------------------------------------------------------------------------
-# Preprocessing and the evaluation loop
+# The evaluation loop
 # -----------------------------------------------------------------------------------------------
 
 def preprocess(images, short_side=None):
     """uint8 (or float in [0, 1]) images [B, 3, H, W] -> float, short side resized to short_side
-    (bilinear, aspect kept, like mmcv's rescale), normalised with CLIP's mean / std."""
+    (bilinear, aspect kept, like mmcv's rescale), normalised with CLIP's mean / std (data.normalize)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     if short_side is not None:
         H, W = x.shape[-2:]
@@ -887,9 +482,62 @@ def preprocess(images, short_side=None):
         size = (int(H * s + 0.5), int(W * s + 0.5))
         if size != (H, W):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x)
+
+
+def protocol_settings(dataset, **given):
+    """The dataset's protocol (loaders.segmentation.PROTOCOL), each setting given (not None) overriding it."""
+    settings = dataset_defaults(dataset)
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if settings["crop"] and not settings["stride"]:
+        settings["stride"] = settings["crop"]
+    if dataset.background_index is not None and not settings["bg_prompts"] and settings["prob_thresh"] <= 0:
+        raise ValueError("the dataset has a background class but neither bg_prompts nor prob_thresh > 0 "
+                         "is set: background could never be predicted")
+    return settings
+
+
+def text_queries(model, tokenizer, dataset, settings, device):
+    """The text classifier of the dataset's classes. Without background prompts the background class
+    gets no text query: only the probability threshold can predict it."""
+    bg = dataset.background_index
+    names = [[] if (c == bg and not settings["bg_prompts"]) else synonyms
+             for c, synonyms in enumerate(dataset.class_names)]
+    return build_text_classifier(model, tokenizer, names, settings["templates"], device=device)
+
+
+def same_size_groups(dataset, n, batch_size):
+    """Read the first n items batch_size at a time, and yield each read's items grouped by image size
+    (all of them at once for shapes; real datasets' photos vary)."""
+    for start in range(0, n, batch_size):
+        groups = {}
+        for i in range(start, min(start + batch_size, n)):
+            item = dataset[i]
+            groups.setdefault(tuple(item["image"].shape), []).append(item)
+        yield from groups.values()
+
+
+def segment_group(model, group, text, settings, num_classes, background_index, device):
+    """Items of one image size -> (raw uint8 images [b, 3, H, W], truth [b, H, W], the preprocessed
+    images, predictions [b, H, W] at the labels' size), with the dataset's protocol `settings`."""
+    raw = torch.stack([it["image"] for it in group])                     # [b, 3, H, W]
+    truth = torch.stack([it["mask"] for it in group])                    # [b, H, W]
+    images = preprocess(raw.to(device), settings["short_side"] or None)  # [b, 3, H', W']
+    pred = segment(model, images, *text, num_classes, dense=settings["dense"], crop=settings["crop"] or None,
+                   stride=settings["stride"], out_size=truth.shape[-2:], logit_scale=settings["logit_scale"],
+                   prob_thresh=settings["prob_thresh"], background_index=background_index).cpu()
+    return raw, truth, images, pred
+
+
+def display_names(class_names, bg):
+    """Each class's first name, "background" for the background class (VOC21's background prompts
+    start with "sky"), made unique if a class list repeats a name."""
+    display = [names[0] for names in class_names]
+    if bg is not None:
+        display[bg] = "background"
+    if len(set(display)) < len(display):
+        display = [f"{c}:{name}" for c, name in enumerate(display)]
+    return display
 
 
 def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", templates=None,
@@ -901,7 +549,7 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     model: an unwrapped CLIP (not DDP / compiled); its train/eval mode is restored afterwards.
     dataset: an object from load_dataset (with .name, .class_names, .background_index), or a name
     for load_dataset (with `root`; for "shapes", the val split at `image_size` pixels).
-    Settings left at None take the dataset's protocol (DATASET_DEFAULTS); short_side=0 keeps the
+    Settings left at None take the dataset's protocol (loaders.segmentation.PROTOCOL); short_side=0 keeps the
     native size, crop=0 means whole-image inference. bg_prompts: give the background class its text
     names; prob_thresh: best class probability below which a pixel becomes background (0 = off).
     Images of the same size are batched (batch_size). device: default the model's device.
@@ -911,70 +559,35 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     if isinstance(dataset, str):
         dataset = (load_dataset("shapes", split="val", size=image_size) if dataset == "shapes"
                    else load_dataset(dataset, root))
-    settings = dataset_defaults(dataset)
-    given = dict(templates=templates, logit_scale=logit_scale, bg_prompts=bg_prompts, prob_thresh=prob_thresh,
-                 short_side=short_side, crop=crop, stride=stride)
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if settings["crop"] and not settings["stride"]:
-        settings["stride"] = settings["crop"]
-    settings.update(dense=dense, dataset=dataset.name, batch_size=batch_size)
     if dense not in DENSE_MODES:
         raise ValueError(f"unknown dense mode {dense!r}; choose one of {DENSE_MODES}")
-    class_names, bg = dataset.class_names, dataset.background_index
-    C = len(class_names)
-    if bg is not None and not settings["bg_prompts"] and settings["prob_thresh"] <= 0:
-        raise ValueError("the dataset has a background class but neither bg_prompts nor prob_thresh > 0 "
-                         "is set: background could never be predicted")
-    # Without background prompts the background class gets no text query (only the threshold).
-    text_names = [[] if (c == bg and not settings["bg_prompts"]) else names
-                  for c, names in enumerate(class_names)]
-
+    settings = protocol_settings(dataset, templates=templates, logit_scale=logit_scale, bg_prompts=bg_prompts,
+                                 prob_thresh=prob_thresh, short_side=short_side, crop=crop, stride=stride)
+    settings.update(dense=dense, dataset=dataset.name, batch_size=batch_size)
+    C, bg = len(dataset.class_names), dataset.background_index
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device if device is None else torch.device(device)
-    text_weights, query_class = build_text_classifier(model, tokenizer, text_names, settings["templates"],
-                                                      device=device)
+    text = text_queries(model, tokenizer, dataset, settings, device)        # (weights [Q, E], query_class [Q])
     conf = ConfusionMatrix(C)
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    pictures, pca_done = [], 0
+    pictures = []
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     bar = tqdm(total=n, desc=f"seg {dataset.name} ({dense})", disable=not progress)
-    for start in range(0, n, batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
-        # Batch the images that share a size (all of them for shapes; real datasets vary).
-        groups = {}
-        for item in items:
-            groups.setdefault(tuple(item["image"].shape), []).append(item)
-        for group in groups.values():
-            raw = torch.stack([it["image"] for it in group])             # [b, 3, H, W]
-            truth = torch.stack([it["mask"] for it in group])            # [b, H, W]
-            images = preprocess(raw.to(device), settings["short_side"] or None)  # [b, 3, H', W']
-            pred = segment(model, images, text_weights, query_class, C, dense=dense,
-                           crop=settings["crop"] or None, stride=settings["stride"], out_size=truth.shape[-2:],
-                           logit_scale=settings["logit_scale"], prob_thresh=settings["prob_thresh"],
-                           background_index=bg).cpu()                    # [b, H, W]
-            conf.update(pred, truth)
-            if out_dir is not None and pca_done < n_pictures:
-                for j in range(min(len(group), n_pictures - pca_done)):
-                    pictures.append((raw[j], truth[j].numpy(), pred[j].numpy()))
-                    feats = _whole_image_features(model, images[j:j + 1], dense)  # [h, w, E]
-                    save_pca_picture(raw[j], feats, os.path.join(out_dir, f"seg_pca_{pca_done:03d}.png"))
-                    pca_done += 1
-        bar.update(len(items))
+    for group in same_size_groups(dataset, n, batch_size):
+        raw, truth, images, pred = segment_group(model, group, text, settings, C, bg, device)
+        conf.update(pred, truth)
+        for j in range(min(len(group), n_pictures - len(pictures)) if out_dir is not None else 0):
+            pictures.append((raw[j], truth[j].numpy(), pred[j].numpy()))
+            save_pca_picture(raw[j], _whole_image_features(model, images[j:j + 1], dense),
+                             os.path.join(out_dir, f"seg_pca_{len(pictures) - 1:03d}.png"))
+        bar.update(len(group))
     bar.close()
     model.train(was_training)
-
     m = miou_from_confusion(conf.counts, bg)
-
-    # Display names: each class's first name, "background" for the background class (VOC21's
-    # background prompts start with "sky"), made unique if a class list repeats a name.
-    display = [names[0] for names in class_names]
-    if bg is not None:
-        display[bg] = "background"
-    if len(set(display)) < C:
-        display = [f"{c}:{name}" for c, name in enumerate(display)]
+    display = display_names(dataset.class_names, bg)
     result = {"dataset": dataset.name, "num_images": n, "miou": to_percent(m["miou"]),
               "fg_miou": to_percent(m["fg_miou"]) if bg is not None else None,
               "pixel_acc": to_percent(m["pixel_acc"]),
@@ -997,49 +610,76 @@ def _whole_image_features(model, images, dense):
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints and the command line
+# The shapes world: retrieval and zero-shot classification, what train.py logs
 # -----------------------------------------------------------------------------------------------
+def recall_at_k(sim, match, ks=(1, 5)):
+    """R@k: the fraction of queries that find a correct candidate among their k most similar ones.
 
-def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gelu"):
-    """A checkpoint -> (model in eval mode on device, tokenizer).
+    sim: [Q, C] similarities; match: [Q, C] bool, True where candidate c is a correct answer for
+    query q (shapes captions repeat, "two circles", so every candidate with the same caption counts).
+    A query's rank is the number of WRONG candidates at least as similar as its best correct one:
+    ties count against the query, so a model that scores everything alike gets no credit."""
+    best = torch.where(match, sim, float("-inf")).max(dim=1).values           # [Q]
+    rank = ((sim >= best[:, None]) & ~match).sum(dim=1)                         # [Q]
+    return {k: (rank < k).float().mean().item() for k in ks}
 
-    Two kinds of file:
-    * a train.py checkpoint, {"model": CLIP state_dict, "model_config": dict of CLIPConfig fields}
-      (also a converted public model saved by pretrained.save_converted): the tokenizer is the one the
-      model was trained with (byte-level, unless the config has CLIP's BPE vocabulary);
-    * a public CLIP checkpoint (OpenAI .pt / TorchScript, open_clip .bin): converted by pretrained.py;
-      its BPE tokenizer reads `bpe_path` (bpe_simple_vocab_16e6.txt.gz). `act`: quick_gelu for the
-      OpenAI weights, gelu for open_clip models without "-quickgelu" in their name.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:          # a TorchScript archive (OpenAI's .pt files) is not a pickled dict
-        ckpt = None
-    if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):
-        if not bpe_path:
-            keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path} is not a train.py checkpoint (a dict with 'model' and 'model_config'; "
-                             f"found {keys}). For a public CLIP checkpoint (OpenAI .pt, open_clip .bin) also "
-                             f"pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
-        from pretrained import load_pretrained
-        model, tokenizer = load_pretrained(path, merges_path=bpe_path, act=act)
-        return model.to(device).eval(), tokenizer
-    config = CLIPConfig(**ckpt["model_config"])
-    if config.vocab_size == ByteTokenizer().vocab_size:
-        tokenizer = ByteTokenizer(context_length=config.context_length)
-    else:                      # fine-tuned from a public CLIP (train.py --init_from): CLIP's BPE
-        from pretrained import BPETokenizer
-        if not bpe_path:
-            raise ValueError(f"{path} uses CLIP's BPE vocabulary: pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
-        tokenizer = BPETokenizer(bpe_path, context_length=config.context_length)
-    model = CLIP(config)
-    # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    return model.to(device).eval(), tokenizer
 
+@torch.no_grad()
+def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="cpu", autocast_ctx=None,
+                   seg_out_dir=None):
+    """The shapes world's zero-shot measures of a CLIP model (an unwrapped one; its mode is restored):
+      val_loss, i2t_r1/r5, t2i_r1/r5  retrieval on the multi-object `split` (n images; every candidate
+                                       with the same caption counts as correct)
+      zeroshot_acc                     the 8 shape names in the shapes templates, on single-object images
+      miou_X, fg_miou_X                zero-shot segmentation with the naive and MaskCLIP readouts, when
+                                       seg_out_dir is given (pictures and seg_metrics.json go there)"""
+    autocast_ctx = autocast_ctx or autocast_for(torch.device(device))
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    def batches(dataset, size=250):
+        return [collate([dataset[j] for j in range(i, min(i + size, n))], tokenizer) for i in range(0, n, size)]
+    # --- retrieval + val loss on the multi-object split ---
+    imgs, txts, caps, losses = [], [], [], []
+    for batch in batches(ShapesDataset(split, size=image_size, length=n, seed=0)):
+        with autocast_ctx:
+            im, tx, scale, bias = model(batch["images"].to(device), batch["tokens"].to(device))
+        im, tx = im.float(), tx.float()
+        logits = scale * im @ tx.T + (bias if bias is not None else 0.0)
+        labels = torch.arange(len(im), device=device)
+        losses.append(0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item())
+        imgs, txts, caps = imgs + [im], txts + [tx], caps + batch["captions"]
+    im, tx = torch.cat(imgs), torch.cat(txts)
+    same = torch.tensor([[a == b for b in caps] for a in caps], device=device)  # [n, n]
+    sim = im @ tx.T
+    i2t, t2i = recall_at_k(sim, same), recall_at_k(sim.T, same)
+    metrics.update(val_loss=float(np.mean(losses)), i2t_r1=i2t[1], i2t_r5=i2t[5], t2i_r1=t2i[1], t2i_r5=t2i[5])
+    # --- zero-shot classification on single-object images ---
+    single = ShapesDataset(split + "_single", size=image_size, length=n, seed=0)
+    classifier = build_text_classifier(model, tokenizer, [[c] for c in single.class_names], SHAPES_TEMPLATES,
+                                       device=device)
+    correct = 0
+    for batch in batches(single):
+        with autocast_ctx:
+            im = model.encode_image(batch["images"].to(device)).float()
+        pred = classifier_scores(im, classifier).argmax(dim=1).cpu()
+        correct += (pred == batch["labels"]).sum().item()
+    metrics["zeroshot_acc"] = correct / len(single)
+    # --- zero-shot segmentation ---
+    if seg_out_dir is not None:
+        seg_data = load_dataset("shapes", split=split, size=image_size, length=n)
+        for dense in ("naive", "maskclip"):
+            seg = evaluate_segmentation(model, tokenizer, dataset=seg_data, dense=dense, device=device,
+                                        out_dir=os.path.join(seg_out_dir, f"seg_{dense}"), max_images=n)
+            metrics[f"miou_{dense}"] = seg["miou"]
+            metrics[f"fg_miou_{dense}"] = seg["fg_miou"]
+    model.train(was_training)
+    return metrics
+
+
+# -----------------------------------------------------------------------------------------------
+# The command line
+# -----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Zero-shot semantic segmentation with a CLIP checkpoint.")
@@ -1048,7 +688,7 @@ def main(argv=None):
     ap.add_argument("--bpe_path", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz (public checkpoints)")
     ap.add_argument("--act", default="quick_gelu", choices=("quick_gelu", "gelu"),
                     help="activation of a public checkpoint: quick_gelu (OpenAI) or gelu (most open_clip)")
-    ap.add_argument("--dataset", default="shapes", choices=sorted(DATASET_DEFAULTS))
+    ap.add_argument("--dataset", default="shapes", choices=DATASETS)
     ap.add_argument("--root", default=None, help="dataset folder (not needed for shapes)")
     ap.add_argument("--split", default="val", help="shapes split (val | tune | val_single | ...)")
     ap.add_argument("--dense", default="naive", choices=DENSE_MODES)
@@ -1069,7 +709,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="shapes seed")
     args = ap.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device)
     model, tokenizer = load_model_from_checkpoint(args.ckpt, device, bpe_path=args.bpe_path, act=args.act)
     if args.dataset == "shapes":
         size = args.size or model.config.image_size

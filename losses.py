@@ -59,29 +59,22 @@ produce what the losses compare (the DINO projection head and the masked-predict
    centred, sharpened softmax with its own patch centre). The student encodes the masked image, a
    1-layer `MaskedPatchDecoder` predicts features at the masked positions, and the loss is the
    cross-entropy to the teacher codes averaged over masked patches only. For text, 20% of the
-   caption tokens are masked BERT-style (`mlm_mask_tokens`) and a small bidirectional
+   caption tokens are masked BERT-style (masking.mlm_mask_tokens) and a small bidirectional
    `TextMLMDecoder` predicts them from the text encoder's token features (`mlm_loss`).
 
-Schedules: `teacher_temp_schedule` is here (it belongs to the distillation losses);
-`cosine_schedule` and `momentum_schedule` are in ema.py.
+Schedules (learning rate, teacher temperature, EMA momentum) are one function, train.schedule.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import Block, gather_rows, index_of_false, init_blocks_
-
-# Token ids of the byte tokenizer (data.py): PAD 0, SOT 1, EOT 2, MASK 3, byte b -> b + 4.
-PAD_ID, SOT_ID, EOT_ID, MASK_ID = 0, 1, 2, 3
-VOCAB_SIZE = 260
-
 
 # --------------------------------------------------------------------------------------------
 # Distributed helpers
@@ -271,20 +264,6 @@ class DINOHead(nn.Module):
         self.last_layer.weight.grad = None
 
 
-def teacher_temp_schedule(total_steps: int, warmup_steps: int, start: float = 0.04,
-                          final: float = 0.07) -> np.ndarray:
-    """Per-step teacher temperature: linear start -> final over warmup_steps, then constant.
-
-    DINO: 0.04 -> 0.07 over the first 30 epochs (above 0.07 training became unstable); a low
-    temperature early gives sharp targets while the teacher is still almost random.
-    """
-    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
-                         f"warmup_steps={warmup_steps}, total_steps={total_steps}")
-    warm = np.linspace(start, final, warmup_steps, endpoint=False)
-    return np.concatenate([warm, np.full(total_steps - warmup_steps, final)])
-
-
 def _soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor,
                         student_temp: float) -> torch.Tensor:
     """-sum_k P_t[k] log softmax(s / tau_s)[k] per row: [..., K] -> [...] (log_softmax is stable)."""
@@ -361,6 +340,16 @@ def update_center_(center: torch.Tensor, stats: torch.Tensor, momentum: float) -
     stats = _all_reduce_sum(stats.to(center.device, center.dtype).clone())
     batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)                # [1, K]
     center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_logits, center, temp) -> torch.Tensor:
+    """Mean entropy (nats) of the centred, sharpened teacher distribution softmax((t - c) / tau_t),
+    a list of [b, K]: near 0 means collapse onto one prototype, near log K a uniform (uninformative)
+    teacher. Centring pushes it up, sharpening down; DINO needs both. Returned as a tensor (no sync)."""
+    t = torch.cat(teacher_logits).float()
+    p = F.softmax((t - center) / temp, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,8 +511,8 @@ class TextMLMDecoder(nn.Module):
     MaskCLIP: 4 layers (the paper's text decoder); width = the text encoder's.
     """
 
-    def __init__(self, width: int, num_heads: int, vocab_size: int = VOCAB_SIZE,
-                 num_layers: int = 4, mlp_ratio: float = 4.0, pad_id: int = PAD_ID):
+    def __init__(self, width: int, num_heads: int, vocab_size: int, pad_id: int, num_layers: int = 4,
+                 mlp_ratio: float = 4.0):
         super().__init__()
         self.pad_id = pad_id
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(num_layers))
@@ -541,50 +530,6 @@ class TextMLMDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, attn_mask=attn_mask)                                # no causal mask
         return self.out(self.ln(x))                                        # [B, L, V]
-
-
-def mlm_mask_tokens(tokens: torch.Tensor, mask_prob: float = 0.2,
-                    generator: torch.Generator | None = None, vocab_size: int = VOCAB_SIZE,
-                    mask_id: int = MASK_ID, special_ids: tuple[int, ...] = (PAD_ID, SOT_ID, EOT_ID)):
-    """BERT-style corruption of captions for MLM. tokens [B, L] -> (inputs [B, L], labels [B, L]).
-
-    Every ordinary token (not SOT, EOT, PAD or MASK) is selected independently with probability
-    mask_prob (MaskCLIP: 20%). A selected token becomes the MASK id with probability 0.8, a random
-    ordinary token with 0.1, and stays as it is with 0.1 (BERT: so the model cannot assume that an
-    unmasked-looking token is always correct). labels hold the original id at selected positions
-    and -100 (ignored) elsewhere. Special tokens are never selected and never drawn as random
-    replacements: a random EOT would move the text encoder's pooling position.
-    Random numbers come from `generator` (a CPU generator) and are moved to tokens' device. It may
-    also be a list of B generators, one per caption: each row then depends on its own generator
-    alone (train.py seeds one per sample, so the corruption is the same on any number of ranks).
-    """
-    if not 0.0 <= mask_prob <= 1.0:
-        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, L], got {tuple(tokens.shape)}")
-    excluded = torch.tensor(sorted(set(special_ids) | {mask_id}))
-    ids = torch.arange(vocab_size)
-    ordinary = ids[~torch.isin(ids, excluded)]                            # [V'] ids a token may become
-    shape, dev = tokens.shape, tokens.device
-    select_u = _rand_rows(torch.rand, shape, generator).to(dev)           # [B, L]
-    action_u = _rand_rows(torch.rand, shape, generator).to(dev)           # [B, L]
-    random_ids = ordinary[_rand_rows(lambda s, generator: torch.randint(len(ordinary), s, generator=generator),
-                                     shape, generator)].to(dev)           # [B, L]
-    eligible = ~torch.isin(tokens, excluded.to(dev))
-    selected = eligible & (select_u < mask_prob)                          # [B, L]
-    inputs = torch.where(selected & (action_u < 0.8), torch.full_like(tokens, mask_id), tokens)
-    inputs = torch.where(selected & (action_u >= 0.8) & (action_u < 0.9), random_ids, inputs)
-    labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
-    return inputs, labels
-
-
-def _rand_rows(draw, shape, generator):
-    """draw(shape, generator=g) with one generator, or row by row with a list of generators."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
-        return torch.stack([draw(tuple(shape[1:]), generator=g) for g in generator])
-    return draw(tuple(shape), generator=generator)
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:

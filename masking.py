@@ -1,4 +1,4 @@
-"""Patch masks for masked image modelling: which patches the student does not get to see.
+"""Masks: which image patches and which caption tokens the student does not get to see.
 
 MaskCLIP (Dong et al. 2022, arXiv 2208.12262) hides 75% of the patches AT RANDOM from the student
 and asks it to predict the teacher's features there. iBOT (Zhou et al. 2022), following BEiT,
@@ -23,6 +23,13 @@ How the ViT then sees a masked image (clip.VisionTransformer, `mask_mode`):
       (losses.MaskedPatchDecoder) puts mask tokens back at the hidden positions and predicts them.
       This is why every row must have the same count: the visible tokens form a dense
       [B, N - n, D] tensor.
+
+Captions are masked too, for MaskCLIP's masked language modelling (BERT, Devlin et al. 2019):
+`mlm_mask_tokens` hides 20% of a caption's ordinary tokens; losses.TextMLMDecoder predicts them.
+
+Per sample. A training step draws each sample's masks from its own generator, seeded by (seed,
+step, the sample's position in the global batch): `sample_generator`. So the masks of a batch do
+not depend on how it is split over ranks and micro-batches (train.py's DDP promise), nor on a resume.
 """
 
 from __future__ import annotations
@@ -124,3 +131,79 @@ def block_mask(B: int, grid_h: int, grid_w: int, ratio: float,
         all_boxes.append(boxes)
     masks = masks.flatten(1)                                           # [B, N]
     return (masks, all_boxes) if return_boxes else masks
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions: BERT-style token masking
+# ----------------------------------------------------------------------------------------------
+
+def mlm_mask_tokens(tokens: torch.Tensor, vocab_size: int, mask_id: int, special_ids: tuple[int, ...],
+                    mask_prob: float = 0.2, generator=None):
+    """BERT-style corruption of captions for MLM. tokens [B, L] -> (inputs [B, L], labels [B, L]).
+
+    Every ordinary token (not SOT, EOT, PAD or MASK) is selected independently with probability
+    mask_prob (MaskCLIP: 20%). A selected token becomes the MASK id with probability 0.8, a random
+    ordinary token with 0.1, and stays as it is with 0.1 (BERT: so the model cannot assume that an
+    unmasked-looking token is always correct). labels hold the original id at selected positions
+    and -100 (ignored) elsewhere. Special tokens are never selected and never drawn as random
+    replacements: a random EOT would move the text encoder's pooling position.
+    Random numbers come from `generator` (a CPU generator) and are moved to tokens' device. It may
+    also be a list of B generators, one per caption: each row then depends on its own generator
+    alone (train.py seeds one per sample, so the corruption is the same on any number of ranks).
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, L], got {tuple(tokens.shape)}")
+    excluded = torch.tensor(sorted(set(special_ids) | {mask_id}))
+    ids = torch.arange(vocab_size)
+    ordinary = ids[~torch.isin(ids, excluded)]                            # [V'] ids a token may become
+    shape, dev = tokens.shape, tokens.device
+    select_u = _rand_rows(torch.rand, shape, generator).to(dev)           # [B, L]
+    action_u = _rand_rows(torch.rand, shape, generator).to(dev)           # [B, L]
+    random_ids = ordinary[_rand_rows(lambda s, generator: torch.randint(len(ordinary), s, generator=generator),
+                                     shape, generator)].to(dev)           # [B, L]
+    eligible = ~torch.isin(tokens, excluded.to(dev))
+    selected = eligible & (select_u < mask_prob)                          # [B, L]
+    inputs = torch.where(selected & (action_u < 0.8), torch.full_like(tokens, mask_id), tokens)
+    inputs = torch.where(selected & (action_u >= 0.8) & (action_u < 0.9), random_ids, inputs)
+    labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
+    return inputs, labels
+
+
+def _rand_rows(draw, shape, generator):
+    """draw(shape, generator=g) with one generator, or row by row with a list of generators."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.stack([draw(tuple(shape[1:]), generator=g) for g in generator])
+    return draw(tuple(shape), generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per sample
+# ----------------------------------------------------------------------------------------------
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """A CPU generator for one training sample at one step, seeded by (seed, step, its position in
+    the step's global batch) and by nothing else: whatever it draws is the same on 1 or N ranks, for
+    any gradient accumulation, and after a resume. (Distinct for step < 10^7, batches under 10^6.)"""
+    return torch.Generator().manual_seed((seed * 10**13 + step * 10**6 + index) % 2**63)
+
+
+def sample_masks(generators, grid_h: int, grid_w: int, ratio: float, kind: str = "random") -> torch.Tensor:
+    """One patch mask per generator (one per sample), random or block-wise: bool [len(generators), N]."""
+    if kind == "block":
+        return torch.cat([block_mask(1, grid_h, grid_w, ratio, generator=g) for g in generators])
+    return torch.cat([random_mask(1, grid_h * grid_w, ratio, generator=g) for g in generators])
+
+
+def sample_mlm(tokens: torch.Tensor, tokenizer, mask_prob: float, generators):
+    """MLM inputs and labels for captions [b, L] (see mlm_mask_tokens), row i from generators[i] and
+    the tokenizer's ids. Drawn at the tokenizer's full context length, then cut back to L, so trimming
+    the padding columns cannot change the draws."""
+    L, dev = tokens.shape[1], tokens.device
+    full = torch.nn.functional.pad(tokens.cpu(), (0, tokenizer.context_length - L), value=tokenizer.pad_token_id)
+    inputs, labels = mlm_mask_tokens(full, tokenizer.vocab_size, tokenizer.mask_token_id, tokenizer.special_ids,
+                                     mask_prob, generators)
+    return inputs[:, :L].to(dev), labels[:, :L].to(dev)

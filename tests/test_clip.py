@@ -9,9 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import clip  # noqa: E402
-from clip import (CLIP, MODEL_SIZES, Attention, Block, QuickGELU, TextTransformer,  # noqa: E402
+import clip
+from clip import (CLIP, MODEL_SIZES, Attention, Block, QuickGELU, TextTransformer,
                   VisionTransformer, count_params, flops_per_image, flops_per_text,
                   interpolate_pos_embed, model_config)
 

@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval_seg  # noqa: E402
-from clip import CLIP, CLIPConfig  # noqa: E402
-from data import ByteTokenizer  # noqa: E402
-from eval_seg import (ConfusionMatrix, build_text_classifier, class_probabilities,  # noqa: E402
-                      dense_features, load_dataset, miou_from_confusion, predict_classes,
-                      predict_logits, sliding_window_logits, window_boxes)
+import eval_seg
+from test_loaders import save_image, save_palette_png
+from clip import CLIP, CLIPConfig
+from data import ByteTokenizer
+from eval_seg import (ConfusionMatrix, build_text_classifier, class_probabilities, dense_features,
+                      miou_from_confusion, predict_classes, predict_logits, sliding_window_logits, window_boxes)
+from loaders.pretrained import load_model_from_checkpoint
+from loaders.segmentation import load_dataset
+from loaders.shapes import ShapesSegmentation
+from loaders.templates import get_templates
 
 
 def tiny_model(stem="linear", seed=0):
@@ -65,134 +68,6 @@ def test_confusion_rejects_labels_out_of_range():
     cm = ConfusionMatrix(3)
     with pytest.raises(ValueError, match="ground-truth labels"):
         cm.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
-
-
-# ------------------------------------------------------------------------------------------------
-# Datasets: tiny fake trees with the real layouts
-# ------------------------------------------------------------------------------------------------
-
-def save_palette_png(path, label):
-    """Palette PNG whose colours are NOT the indices (index i -> colour (7i, 255-i, 3i) mod 256)."""
-    im = Image.fromarray(label.astype(np.uint8))
-    im.putpalette([v % 256 for i in range(256) for v in (7 * i, 255 - i, 3 * i)])
-    assert im.mode == "P"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    im.save(path)
-
-
-def save_gray_png(path, label):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(label.astype(np.uint8)).save(path)
-
-
-def save_image(path, h, w):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-
-
-LABEL = np.array([[0, 5, 20, 255], [1, 1, 0, 255], [20, 5, 5, 0]])        # 3 x 4
-
-
-def test_voc_palette_read_as_indices_and_reduce_zero_label(tmp_path):
-    base = tmp_path / "VOCdevkit" / "VOC2012"
-    save_image(base / "JPEGImages" / "2007_000033.jpg", 3, 4)
-    save_palette_png(base / "SegmentationClass" / "2007_000033.png", LABEL)
-    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
-
-    voc21 = load_dataset("voc21", tmp_path / "VOCdevkit")
-    item = voc21[0]
-    assert item["image"].shape == (3, 3, 4) and item["image"].dtype == torch.uint8
-    assert item["mask"].tolist() == LABEL.tolist()                    # indices, 255 kept
-    assert len(voc21.class_names) == 21 and voc21.background_index == 0
-    voc20 = load_dataset("voc20", base)                                 # the VOC2012 folder works too
-    assert voc20[0]["mask"].tolist() == [[255, 4, 19, 255], [0, 0, 255, 255], [19, 4, 4, 255]]
-    assert len(voc20.class_names) == 20 and voc20.background_index is None
-    assert voc20.class_names[14][0] == "person" and len(voc20.class_names[14]) > 1   # synonyms
-
-
-def test_context_59_and_60(tmp_path):
-    base = tmp_path / "VOC2010"
-    label = np.array([[0, 1, 59], [255, 30, 0]])
-    save_image(base / "JPEGImages" / "2008_000002.jpg", 2, 3)
-    save_gray_png(base / "SegmentationClassContext" / "2008_000002.png", label)
-    (base / "ImageSets" / "SegmentationContext").mkdir(parents=True)
-    (base / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000002\n")
-    assert load_dataset("context60", tmp_path)[0]["mask"].tolist() == label.tolist()
-    assert load_dataset("context59", tmp_path)[0]["mask"].tolist() == [[255, 0, 58], [255, 29, 255]]
-    assert len(load_dataset("context59", tmp_path).class_names) == 59
-
-
-def test_ade_reduce_zero_label(tmp_path):
-    base = tmp_path / "ADEChallengeData2016"
-    save_image(base / "images" / "validation" / "ADE_val_00000001.jpg", 2, 2)
-    save_gray_png(base / "annotations" / "validation" / "ADE_val_00000001.png", np.array([[0, 1], [150, 7]]))
-    ds = load_dataset("ade150", tmp_path)
-    assert ds[0]["mask"].tolist() == [[255, 0], [149, 6]]
-    assert len(ds.class_names) == 150 and ds.class_names[0] == ["wall"]
-
-
-def test_cityscapes_train_ids_kept_and_bad_ids_rejected(tmp_path):
-    stem = "frankfurt_000000_000294"
-    save_image(tmp_path / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png", 2, 2)
-    gt = tmp_path / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelTrainIds.png"
-    save_gray_png(gt, np.array([[0, 18], [255, 3]]))
-    ds = load_dataset("cityscapes", tmp_path)
-    assert ds[0]["mask"].tolist() == [[0, 18], [255, 3]] and len(ds.class_names) == 19
-    save_gray_png(gt, np.array([[0, 33], [255, 3]]))                   # a labelId, not a trainId
-    with pytest.raises(ValueError, match="labelTrainIds"):
-        ds[0]
-
-
-def test_cocostuff_train_ids(tmp_path):
-    save_image(tmp_path / "images" / "val2017" / "000000000139.jpg", 2, 2)
-    save_gray_png(tmp_path / "annotations" / "val2017" / "000000000139_labelTrainIds.png",
-                  np.array([[0, 170], [255, 90]]))
-    ds = load_dataset("cocostuff171", tmp_path)
-    assert ds[0]["mask"].tolist() == [[0, 170], [255, 90]] and len(ds.class_names) == 171
-
-
-def test_generic_folder(tmp_path):
-    save_image(tmp_path / "images" / "a.png", 2, 3)
-    save_palette_png(str(tmp_path / "masks" / "a.png"), np.array([[0, 1, 2], [255, 2, 1]]))
-    (tmp_path / "classes.txt").write_text("background\ncat, kitty\ndog\n")
-    ds = load_dataset("folder", tmp_path)
-    assert ds.class_names == [["background"], ["cat", "kitty"], ["dog"]] and ds.background_index == 0
-    assert ds[0]["mask"].tolist() == [[0, 1, 2], [255, 2, 1]] and ds[0]["name"] == "a"
-
-
-def test_missing_or_malformed_datasets_give_clear_errors(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="Expected layout"):
-        load_dataset("voc20", tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
-        load_dataset("ade150", tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_dataset("cityscapes", tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="needs --root"):
-        load_dataset("voc20")
-    # An image without its label file.
-    save_image(tmp_path / "f" / "images" / "a.png", 2, 2)
-    (tmp_path / "f" / "masks").mkdir()
-    (tmp_path / "f" / "classes.txt").write_text("a\nb\n")
-    with pytest.raises(FileNotFoundError, match="label files missing"):
-        load_dataset("folder", tmp_path / "f")
-    # A colour-rendered (RGB) mask cannot be read as labels.
-    Image.new("RGB", (2, 2)).save(tmp_path / "f" / "masks" / "a.png")
-    with pytest.raises(ValueError, match="mode 'RGB'"):
-        load_dataset("folder", tmp_path / "f")[0]
-
-
-def test_shipped_class_name_files():
-    sizes = {"voc20": 20, "voc21": 21, "context59": 59, "context60": 60, "ade150": 150,
-             "cityscapes19": 19, "cocostuff171": 171}
-    for name, n in sizes.items():
-        classes = eval_seg.read_class_names(eval_seg.CLASSNAMES_DIR / f"{name}.txt")
-        assert len(classes) == n, name
-    assert eval_seg.read_class_names(eval_seg.CLASSNAMES_DIR / "voc21.txt")[1:] == \
-        eval_seg.read_class_names(eval_seg.CLASSNAMES_DIR / "voc20.txt")
-    assert len(eval_seg.OPENAI_TEMPLATES) == len(set(eval_seg.OPENAI_TEMPLATES)) == 80
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +257,8 @@ def test_preprocess_short_side_and_normalisation():
     assert eval_seg.preprocess(images, 336).shape == (1, 3, 336, 448)
     small = torch.tensor([[[[0, 255]]], [[[51, 102]]], [[[255, 0]]]], dtype=torch.uint8).view(1, 3, 1, 2)
     out = eval_seg.preprocess(small)
-    mean, std = torch.tensor(eval_seg.CLIP_MEAN), torch.tensor(eval_seg.CLIP_STD)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])      # CLIP's, written out here
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
     assert torch.allclose(out[0, :, 0, 0], (small[0, :, 0, 0] / 255.0 - mean) / std)
 
 
@@ -490,7 +366,7 @@ def test_evaluate_segmentation_end_to_end(tmp_path):
     assert not (tmp_path / "out" / "seg_pca_002.png").exists()
 
     # The independent recomputation, which shares no code with eval_seg's pipeline.
-    miou, fg, acc = naive_segmentation(model, tok, ds, eval_seg.SHORT_TEMPLATES, short_side=16, crop=16,
+    miou, fg, acc = naive_segmentation(model, tok, ds, get_templates("short"), short_side=16, crop=16,
                                        stride=8, logit_scale=40.0, prob_thresh=0.4)
     assert res["miou"] == pytest.approx(miou, abs=1e-3)
     assert res["fg_miou"] == pytest.approx(fg, abs=1e-3)
@@ -503,7 +379,7 @@ def test_evaluate_segmentation_end_to_end(tmp_path):
 
 def test_shapes_dataset_runs_whole_image():
     model, tok = tiny_model(), ByteTokenizer(context_length=32)
-    ds = eval_seg.ShapesSegmentation(split="val", size=32, length=3)
+    ds = ShapesSegmentation(split="val", size=32, length=3)
     assert ds.background_index == 0 and ds.class_names[0][:2] == ["background", "plain background"]
     assert [c[0] for c in ds.class_names[1:]] == ds.shapes.class_names
     res = eval_seg.evaluate_segmentation(model, tok, ds, dense="maskclip", progress=False)
@@ -513,7 +389,7 @@ def test_shapes_dataset_runs_whole_image():
     assert by_name["miou"] == res["miou"] and by_name["dataset"] == "shapes-val"
     assert res["settings"]["crop"] == 0 and res["settings"]["templates"] == "shapes"
     # whole image at its native size = one window covering it, no resize, background by its prompts
-    miou, fg, acc = naive_segmentation(model, tok, ds, eval_seg.get_templates("shapes"), short_side=32,
+    miou, fg, acc = naive_segmentation(model, tok, ds, get_templates("shapes"), short_side=32,
                                        crop=32, stride=32, logit_scale=40.0, prob_thresh=0.0)
     assert res["miou"] == pytest.approx(miou, abs=1e-3) and res["fg_miou"] == pytest.approx(fg, abs=1e-3)
     assert res["pixel_acc"] == pytest.approx(acc, abs=1e-3)
@@ -524,7 +400,7 @@ def test_checkpoint_round_trip_and_cli(tmp_path):
     model = tiny_model()
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, path)
-    loaded, tok = eval_seg.load_model_from_checkpoint(str(path))
+    loaded, tok = load_model_from_checkpoint(str(path))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     assert isinstance(tok, ByteTokenizer) and tok.context_length == 32
     res = eval_seg.main(["--ckpt", str(path), "--dataset", "folder", "--root", str(tmp_path / "ds"),
@@ -533,4 +409,73 @@ def test_checkpoint_round_trip_and_cli(tmp_path):
     assert (tmp_path / "seg_metrics.json").exists() and res["settings"]["dense"] == "naive"
     torch.save({"state_dict": model.state_dict()}, path)
     with pytest.raises(ValueError, match="model_config"):
-        eval_seg.load_model_from_checkpoint(str(path))
+        load_model_from_checkpoint(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes world's image-level measures: retrieval and zero-shot classification
+# ---------------------------------------------------------------------------------------------
+def naive_recall(sim, match, k):
+    """Each query: sort the candidates by similarity, the wrong ones first among equals (ties count
+    against the query); a hit if a correct one sits in the first k places."""
+    hits = 0
+    for q in range(len(sim)):
+        order = sorted(range(len(sim[q])), key=lambda c: (-float(sim[q][c]), bool(match[q][c])))
+        hits += any(bool(match[q][c]) for c in order[:k])
+    return hits / len(sim)
+
+
+def test_recall_at_k_by_hand_and_against_a_naive_loop_with_ties():
+    sim = torch.tensor([[0.9, 0.5, 0.9, 0.1],     # q0: correct c0 ties with wrong c2 -> rank 1
+                        [0.2, 0.8, 0.3, 0.4],     # q1: correct c1 is the best -> rank 0
+                        [0.5, 0.5, 0.5, 0.5],     # q2: all tied -> rank 3 (every wrong one counts)
+                        [0.1, 0.7, 0.6, 0.9]])    # q3: correct c2 and c3 (same caption) -> rank 0
+    match = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    r = eval_seg.recall_at_k(sim, match, ks=(1, 2, 3, 4))
+    assert r == {1: 0.5, 2: 0.75, 3: 0.75, 4: 1.0}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        sim = torch.randint(0, 4, (30, 20), generator=g).float()        # many ties
+        match = torch.rand(30, 20, generator=g) < 0.1
+        r = eval_seg.recall_at_k(sim, match, ks=(1, 5))
+        for k in (1, 5):
+            assert r[k] == pytest.approx(naive_recall(sim.tolist(), match.tolist(), k), abs=1e-6)
+
+
+def test_shapes_metrics_against_a_hand_built_classifier():
+    """eval_seg.shapes_metrics (what train.py logs): zero-shot accuracy and retrieval, recomputed
+    naively: the classifier built by hand (every class name in every template, one caption at a time,
+    averaged, normalised), argmax per image; retrieval by the naive loop over the model's own
+    similarities."""
+    from data import collate
+    from loaders.shapes import SHAPES_TEMPLATES, ShapesDataset
+    torch.manual_seed(3)
+    cfg = CLIPConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                     text_width=32, text_layers=1, text_heads=2, embed_dim=16, context_length=64)
+    model = CLIP(cfg).eval()
+    for p in model.parameters():                      # a random model, but a varied one
+        p.data.add_(0.5 * torch.randn_like(p))
+    tok = ByteTokenizer(context_length=64)
+    m = eval_seg.shapes_metrics(model, tok, "val", image_size=32, n=24, device="cpu")
+    single = ShapesDataset("val_single", size=32, length=24, seed=0)
+    with torch.no_grad():
+        classes = []
+        for name in single.class_names:
+            rows = [F.normalize(model.encode_text(tok([t.format(name)])), dim=-1)[0] for t in SHAPES_TEMPLATES]
+            classes.append(F.normalize(torch.stack(rows).mean(0), dim=0))
+        classes = torch.stack(classes)                                              # [8, E]
+        correct = 0
+        for i in range(len(single)):
+            image = collate([single[i]], tok)["images"]
+            pred = int((model.encode_image(image)[0] @ classes.T).argmax())
+            correct += pred == single[i]["label"]
+        assert m["zeroshot_acc"] == pytest.approx(correct / len(single), abs=1e-9)
+        assert 0 < correct < len(single)
+        val = ShapesDataset("val", size=32, length=24, seed=0)
+        items = [val[i] for i in range(len(val))]
+        im = torch.cat([model.encode_image(collate([it], tok)["images"]) for it in items])
+        tx = torch.cat([model.encode_text(tok([it["caption"]])) for it in items])
+    same = [[a["caption"] == b["caption"] for b in items] for a in items]
+    sim = (im @ tx.T).tolist()
+    assert m["i2t_r1"] == pytest.approx(naive_recall(sim, same, 1), abs=1e-6)
+    assert m["t2i_r5"] == pytest.approx(naive_recall([list(r) for r in zip(*sim)], same, 5), abs=1e-6)

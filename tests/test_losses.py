@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import losses  # noqa: E402
-from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder,  # noqa: E402
-                    TextMLMDecoder, clip_loss, mlm_loss, mlm_mask_tokens, siglip_loss,
-                    teacher_temp_schedule)
+import losses
+from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder,
+                    TextMLMDecoder, clip_loss, mlm_loss, siglip_loss)
+from masking import mlm_mask_tokens
+
+PAD_ID, SOT_ID, EOT_ID, MASK_ID, VOCAB = 0, 1, 2, 3, 260       # the byte tokenizer's ids (data.py)
+SPECIAL = (PAD_ID, SOT_ID, EOT_ID)
 
 DT = torch.float64
 
@@ -321,16 +322,6 @@ def test_local_to_global_pair_count_and_stop_gradient():
         loss([student[0]], [teacher[0]], teacher_temp=0.04)
 
 
-def test_teacher_temp_schedule():
-    s = teacher_temp_schedule(100, 30)
-    assert len(s) == 100
-    assert s[0] == pytest.approx(0.04) and s[30] == pytest.approx(0.07) and s[-1] == pytest.approx(0.07)
-    assert s[15] == pytest.approx(0.04 + 0.03 * 15 / 30)
-    assert (teacher_temp_schedule(10, 0) == 0.07).all()
-    with pytest.raises(ValueError):
-        teacher_temp_schedule(10, 11)
-
-
 # ---------------------------------------------------------------------------------------------
 # Masked distillation and its decoder
 # ---------------------------------------------------------------------------------------------
@@ -492,16 +483,16 @@ def random_captions(n, L=40, seed=0):
     tokens = torch.zeros(n, L, dtype=torch.long)
     lengths = torch.randint(5, L - 1, (n,), generator=g)
     for i, m in enumerate(lengths.tolist()):
-        tokens[i, 0] = losses.SOT_ID
+        tokens[i, 0] = SOT_ID
         tokens[i, 1:m - 1] = torch.randint(4, 260, (m - 2,), generator=g)
-        tokens[i, m - 1] = losses.EOT_ID
+        tokens[i, m - 1] = EOT_ID
     return tokens
 
 
 def test_mlm_masking_80_10_10_within_binomial_bounds_and_never_special():
     tokens = random_captions(3000)
-    inputs, labels = mlm_mask_tokens(tokens, mask_prob=0.2, generator=torch.Generator().manual_seed(0))
-    special = (tokens == losses.PAD_ID) | (tokens == losses.SOT_ID) | (tokens == losses.EOT_ID)
+    inputs, labels = mlm_mask_tokens(tokens, VOCAB, MASK_ID, SPECIAL, mask_prob=0.2, generator=torch.Generator().manual_seed(0))
+    special = (tokens == PAD_ID) | (tokens == SOT_ID) | (tokens == EOT_ID)
     # special tokens: never selected, never changed
     assert (labels[special] == -100).all() and torch.equal(inputs[special], tokens[special])
     # unselected tokens are untouched; labels are the original ids where selected
@@ -513,8 +504,8 @@ def test_mlm_masking_80_10_10_within_binomial_bounds_and_never_special():
 
     n_ord, n_sel = int((~special).sum()), int(sel.sum())
     assert within(n_sel, n_ord, 0.2)
-    became_mask = int((inputs[sel] == losses.MASK_ID).sum())
-    changed = int(((inputs[sel] != losses.MASK_ID) & (inputs[sel] != tokens[sel])).sum())
+    became_mask = int((inputs[sel] == MASK_ID).sum())
+    changed = int(((inputs[sel] != MASK_ID) & (inputs[sel] != tokens[sel])).sum())
     kept = n_sel - became_mask - changed
     n_ordinary_ids = 260 - 4          # random replacements come from the 256 byte ids
     assert within(became_mask, n_sel, 0.8)
@@ -522,9 +513,9 @@ def test_mlm_masking_80_10_10_within_binomial_bounds_and_never_special():
     assert within(changed, n_sel, 0.1 * (1 - 1 / n_ordinary_ids))
     assert within(kept, n_sel, 0.1 + 0.1 / n_ordinary_ids)
     # random replacements are ordinary byte ids, never special tokens
-    assert (inputs[sel & (inputs != losses.MASK_ID)] >= 4).all()
+    assert (inputs[sel & (inputs != MASK_ID)] >= 4).all()
     # the generator makes it reproducible
-    again = mlm_mask_tokens(tokens, mask_prob=0.2, generator=torch.Generator().manual_seed(0))
+    again = mlm_mask_tokens(tokens, VOCAB, MASK_ID, SPECIAL, mask_prob=0.2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
 
 
@@ -547,7 +538,7 @@ def test_mlm_loss_counts_labelled_positions_only():
 
 def test_text_decoder_is_bidirectional_and_ignores_padding():
     torch.manual_seed(0)
-    dec = TextMLMDecoder(width=16, num_heads=2, vocab_size=30, num_layers=2)
+    dec = TextMLMDecoder(width=16, num_heads=2, vocab_size=30, pad_id=0, num_layers=2)
     tokens = torch.tensor([[1, 7, 8, 9, 2, 0, 0]])
     feats = torch.randn(1, 7, 16)
     out = dec(feats, tokens)

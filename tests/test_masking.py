@@ -9,9 +9,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from masking import block_mask, draw_block, random_mask  # noqa: E402
+from masking import block_mask, draw_block, random_mask
 
 ASPECT = (0.3, 1 / 0.3)
 

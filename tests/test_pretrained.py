@@ -1,4 +1,4 @@
-"""Tests for pretrained.py: public CLIP weights in clip.py, and CLIP's BPE tokenizer.
+"""Tests for loaders/pretrained.py: public CLIP weights in clip.py, and CLIP's BPE tokenizer.
 
 Two kinds of reference:
 * Always run: a naive forward pass written here directly on OpenAI-named tensors (explicit patch
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from clip import CLIP, interpolate_pos_embed, model_config
-from pretrained import (BPETokenizer, bytes_to_unicode, clean_text, convert_state_dict, load_pretrained,
-                        load_pretrained_into, model_from_state_dict, read_state_dict, save_converted,
-                        split_words)
+from loaders.pretrained import (BPETokenizer, bytes_to_unicode, clean_text, convert_state_dict, load_pretrained,
+                               load_pretrained_into, model_from_state_dict, read_state_dict, save_converted,
+                               split_words)
 
 TOL = 1e-4
 

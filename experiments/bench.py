@@ -1,5 +1,4 @@
-"""
-bench.py: what one training step of each method costs, and how close it runs to the hardware's limit.
+"""experiments/bench.py: what one training step of each method costs, and how close it runs to the hardware's limit.
 
 For every method (clip, silc, maskclip, silc+maskclip), model size (tiny, S/16, B/16) and mode
 (eager, torch.compile) it times the REAL training step: train.train_step itself (teacher forward,
@@ -52,15 +51,14 @@ bound: the feature all-gather and the gradient all-reduce cost a little more) an
 that keeps up.
 
 Run it:
-    python bench.py --sizes=tiny --steps=3 --warmup=1 --compile=eager        # seconds, CPU
-    python bench.py --sizes=B/16 --batch_size=256 --compile=both --scaling   # the GPU numbers
-    python bench.py --sizes=tiny --methods=clip --out=bench_tiny.json
-    /tmp/openclip-venv/bin/python bench.py --sizes=B/16 --methods=clip   # with open_clip (.ci/run's venv)
+    python -m experiments.bench --sizes=tiny --steps=3 --warmup=1 --compile=eager        # seconds, CPU
+    python -m experiments.bench --sizes=B/16 --batch_size=256 --compile=both --scaling   # the GPU numbers
+    python -m experiments.bench --sizes=tiny --methods=clip --out=bench_tiny.json
+    /tmp/openclip-venv/bin/python -m experiments.bench --sizes=B/16 --methods=clip   # with open_clip (.ci/run's venv)
 With --compile=compiled or both, keep --warmup >= 2: the first steps compile (compile_s in the JSON).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -73,7 +71,7 @@ import time
 import torch
 
 import train
-from clip import count_params, flops_per_image, flops_per_text, transformer_flops
+from clip import autocast_for, count_params, flops_per_image, flops_per_text, pick_device, transformer_flops
 
 METHODS = train.METHODS
 SIZES = ("tiny", "S/16", "B/16")
@@ -120,7 +118,7 @@ def step_flops(cfg, clip_cfg, text_len, local_size=0, n_masked=0):
     text = flops_per_text(dataclasses.replace(clip_cfg, context_length=text_len))
     img = flops_per_image(clip_cfg, image_size=S)
     head = dino_head_flops(D, cfg.head_hidden, cfg.head_bottleneck, cfg.head_out)
-    n_global = 2 if use_sd else 1                            # data.build_train_data: silc -> 2 global views
+    n_global = 2 if use_sd else 1                            # train.build_train_data: silc -> 2 global views
     parts = {"text": text, "image_global": n_global * img}
     teacher = {}
     if use_sd:
@@ -218,14 +216,14 @@ def make_config(size, method, args, device):
 def make_batches(cfg, clip_cfg, tokenizer, n_batches, device, trim):
     """n_batches training batches exactly as train.py builds them (shapes data, MultiCrop, collate,
     train.prepare_batch), on the device, made before any timing."""
-    from data import build_train_data
-    dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tokenizer)
+    dataset, collate_fn = train.build_train_data(cfg, clip_cfg.patch_size, tokenizer)
     torch.manual_seed(cfg.seed)                              # crops draw from torch's global generator
     batches = []
     B = cfg.batch_size
     for k in range(n_batches):
         batch = collate_fn([dataset[i] for i in range(k * B, (k + 1) * B)])
-        batches.append(train.prepare_batch(batch, cfg, clip_cfg, step=k, first_index=0, device=device, trim=trim))
+        batches.append(train.prepare_batch(batch, cfg, tokenizer, clip_cfg.patch_size, step=k, first_index=0,
+                                           device=device, trim=trim))
     return batches
 
 
@@ -282,8 +280,7 @@ def bench_one(size, method, compiled, args, device, peak_flops):
     cfg = make_config(size, method, args, device)
     cfg.compile = compiled
     clip_cfg, tokenizer = train.build_model_config(cfg)
-    autocast_ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
+    autocast_ctx = autocast_for(device)
     row = {"size": size, "method": method, "mode": "compiled" if compiled else "eager",
            "batch_size": cfg.batch_size, "image_size": cfg.image_size, "device": args.device_name}
     # train.py trims padding columns in eager mode only (a changing shape would recompile)
@@ -296,14 +293,8 @@ def bench_one(size, method, compiled, args, device, peak_flops):
     mem0 = peak_memory_start(device)
     pretrainer = optimizer = teacher = model = None
     try:
-        torch.manual_seed(cfg.seed)
-        pretrainer = train.Pretrainer(cfg, clip_cfg).to(device)
-        optimizer = train.make_optimizer(pretrainer, cfg, device)
-        teacher = None
-        if pretrainer.use_sd or pretrainer.use_mask:
-            from ema import make_teacher
-            teacher = make_teacher(pretrainer.image_student())
-        model = torch.compile(pretrainer) if compiled else pretrainer
+        pretrainer, optimizer, teacher = train.build_student(cfg, clip_cfg, device)
+        model, _ = train.wrap_student(pretrainer, cfg, 1, 0, device)
         step = make_train_step(cfg, pretrainer, model, teacher, optimizer, autocast_ctx)
         first, times = time_steps(step, batches, args.warmup, args.steps, device)
         peak, delta = peak_memory_end(device, mem0)
@@ -354,8 +345,7 @@ def bench_open_clip(size, compiled, args, device):
     cfg = make_config(size, "clip", args, device)
     cfg.stem = "linear"                                      # open_clip's ViT has a linear patch stem
     clip_cfg, tokenizer = train.build_model_config(cfg)
-    autocast_ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
+    autocast_ctx = autocast_for(device)
     batches = make_batches(cfg, clip_cfg, tokenizer, args.n_batches, device, trim=False)
     result = {"size": size, "mode": "compiled" if compiled else "eager", "batch_size": cfg.batch_size,
               "note": "same architecture (linear stem), full-length tokens, same AdamW/clip/clamp"}
@@ -472,11 +462,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
+    device = pick_device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True         # as train.py
-        torch.backends.cudnn.allow_tf32 = True
         args.device_name = torch.cuda.get_device_name(device)
         peak_tflops = args.peak_tflops or gpu_peak_tflops(args.device_name)
         peak_src = "--peak_tflops" if args.peak_tflops else "published dense bf16"

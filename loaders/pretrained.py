@@ -1,4 +1,5 @@
-"""Public CLIP weights in clip.py, and CLIP's byte-pair-encoding (BPE) tokenizer.
+"""Public CLIP weights in clip.py, any checkpoint back into a model, and CLIP's byte-pair-encoding (BPE)
+tokenizer.
 
 Few people can pretrain a ViT-B/16 on hundreds of millions of pairs, but anyone can take a public
 CLIP (Radford et al. 2021), measure its zero-shot segmentation (eval_seg.py) and continue training it
@@ -89,6 +90,7 @@ from dataclasses import asdict
 import torch
 
 from clip import CLIP, CLIPConfig, interpolate_pos_embed
+from data import ByteTokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 1. Weights: OpenAI / open_clip names -> clip.py names
@@ -349,6 +351,57 @@ def load_pretrained_into(model: CLIP, path: str) -> CLIP:
     return model
 
 
+def config_from_checkpoint(path: str, bpe_path: str, act: str = "quick_gelu"):
+    """(CLIPConfig, BPETokenizer) of a public CLIP checkpoint, to build a model that will load it
+    (train.py --init_from). Missing files are a FileNotFoundError that says what to pass."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    if not bpe_path or not os.path.exists(bpe_path):
+        raise FileNotFoundError(f"a public CLIP checkpoint needs CLIP's BPE merges file "
+                                f"(bpe_simple_vocab_16e6.txt.gz) as --bpe_path, got {bpe_path!r}")
+    config, _ = convert_state_dict(read_state_dict(path), act=act)
+    return config, BPETokenizer(bpe_path, context_length=config.context_length)
+
+
+def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gelu"):
+    """A checkpoint -> (model in eval mode on device, tokenizer).
+
+    Two kinds of file:
+    * a train.py checkpoint, {"model": CLIP state_dict, "model_config": dict of CLIPConfig fields}
+      (also a converted public model saved by save_converted): the tokenizer is the one the
+      model was trained with (byte-level, unless the config has CLIP's BPE vocabulary);
+    * a public CLIP checkpoint (OpenAI .pt / TorchScript, open_clip .bin): converted by pretrained.py;
+      its BPE tokenizer reads `bpe_path` (bpe_simple_vocab_16e6.txt.gz). `act`: quick_gelu for the
+      OpenAI weights, gelu for open_clip models without "-quickgelu" in their name.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:          # a TorchScript archive (OpenAI's .pt files) is not a pickled dict
+        ckpt = None
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):
+        if not bpe_path:
+            keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"{path} is not a train.py checkpoint (a dict with 'model' and 'model_config'; "
+                             f"found {keys}). For a public CLIP checkpoint (OpenAI .pt, open_clip .bin) also "
+                             f"pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
+        model, tokenizer = load_pretrained(path, merges_path=bpe_path, act=act)
+        return model.to(device).eval(), tokenizer
+    config = CLIPConfig(**ckpt["model_config"])
+    if config.vocab_size == ByteTokenizer().vocab_size:
+        tokenizer = ByteTokenizer(context_length=config.context_length)
+    else:                      # fine-tuned from a public CLIP (train.py --init_from): CLIP's BPE
+        if not bpe_path:
+            raise ValueError(f"{path} uses CLIP's BPE vocabulary: pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
+        tokenizer = BPETokenizer(bpe_path, context_length=config.context_length)
+    model = CLIP(config)
+    # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), tokenizer
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. CLIP's BPE tokenizer
 # ----------------------------------------------------------------------------------------------
@@ -477,6 +530,10 @@ class BPETokenizer:
         self.sot_token_id = self.encoder[SPECIAL_TOKENS[0]]   # 49406
         self.eot_token_id = self.encoder[SPECIAL_TOKENS[1]]   # 49407
         self.pad_token_id = 0                                 # (id 0 is also "!": padding sits after EOT)
+        # No [MASK] in CLIP's vocabulary: for masked language modelling SOT doubles as one. It never
+        # occurs inside a caption, and a new embedding row would change the pretrained shapes.
+        self.mask_token_id = self.sot_token_id
+        self.special_ids = (self.pad_token_id, self.sot_token_id, self.eot_token_id)
         self.context_length = context_length
         self.cache = {}                                       # word -> list of symbols
 

@@ -1,5 +1,4 @@
-"""
-ablate.py: does self-distillation make better dense features? One command trains clip, silc,
+"""experiments/ablate.py: does self-distillation make better dense features? One command trains clip, silc,
 maskclip and silc+maskclip with the same model, data, steps and seeds, evaluates each, and writes a
 table, a bar chart and a JSON summary.
 
@@ -10,7 +9,7 @@ Each run is a subprocess of train.py (so the ablation measures exactly what anyo
 and is read back from its metrics.json (train.py's final evaluation on the shapes data: zero-shot
 classification, image<->text retrieval R@1, zero-shot segmentation mIoU and foreground-only mIoU
 with naive and MaskCLIP-trick dense features) and its log.jsonl (training throughput).
-Then probe.py fits a dense linear probe on the run's patch features (naive and MaskCLIP trick:
+Then experiments/probe.py fits a dense linear probe on the run's patch features (naive and MaskCLIP trick:
 fitted on the tune split, scored on val), which tells apart "the patch features do not know the
 classes" from "they know them but do not line up with the class names" (--no_probe skips it).
 
@@ -36,10 +35,10 @@ Resumable: a run whose metrics.json exists is skipped (--force reruns it from sc
 checkpoint but no metrics.json continues with --resume=True.
 
 Run it:
-    python ablate.py --dry_run                                   # print the commands
-    python ablate.py --seeds=0,1,2 --equal_time                  # the sweep (540 steps), then the report
-    python ablate.py --steps=3000 --eval_split=tune -- --batch_size=128 --lr=1e-3   # train.py overrides after --
-    python ablate.py --jobs=2 --steps=540                        # 2 runs at a time (small CPUs; see --help)
+    python -m experiments.ablate --dry_run                                   # print the commands
+    python -m experiments.ablate --seeds=0,1,2 --equal_time                  # the sweep (540 steps), then the report
+    python -m experiments.ablate --steps=3000 --eval_split=tune -- --batch_size=128 --lr=1e-3   # train.py overrides after --
+    python -m experiments.ablate --jobs=2 --steps=540                        # 2 runs at a time (small CPUs; see --help)
 Outputs (in --out_root): ablation.md, ablation.png, ablation.json, and one folder per run.
 """
 
@@ -54,8 +53,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("clip", "silc", "maskclip", "silc+maskclip")
+from train import METHODS, Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 # metric key in metrics.json -> (column title, factor to percent)
 METRICS = {
     "miou_naive": ("mIoU naive", 1.0),
@@ -111,8 +111,7 @@ def batch_size_of(cmd):
         if arg.startswith("--batch_size=") or arg.startswith("--batch-size="):
             value = int(arg.split("=", 1)[1])
     if value is None:
-        import train
-        value = train.Config.batch_size
+        value = Config.batch_size
     return value
 
 
@@ -201,7 +200,7 @@ def read_run(out_dir, cmd):
 def probe_commands(out_dir, python=sys.executable):
     """probe.py's commands for a finished run whose probe results are missing (one per dense mode)."""
     ckpt = os.path.join(out_dir, "ckpt.pt")
-    return [[python, os.path.join(ROOT, "probe.py"), f"--ckpt={ckpt}", f"--dense={dense}"]
+    return [[python, "-m", "experiments.probe", f"--ckpt={ckpt}", f"--dense={dense}"]
             for dense in sorted({d for _, d, _ in PROBE.values()})
             if not os.path.exists(os.path.join(out_dir, f"probe_{dense}.json"))]
 
@@ -408,6 +407,83 @@ def parse_args(argv=None):
     return args, extra
 
 
+def equal_time_steps_for(args, cmds, extra):
+    """CLIP's step count at SILC's wall time (--equal_time), measured once from the equal-step runs and
+    kept in equal_time.json: a rerun (resume) must not give the remaining seeds a different count
+    because the timing noise moved. None until the runs it is measured from exist."""
+    eq_path = os.path.join(args.out_root, "equal_time.json")
+    if os.path.exists(eq_path) and not args.force:
+        with open(eq_path) as f:
+            saved = json.load(f)
+        if saved["steps"] == args.steps:
+            return saved["clip_steps"]
+    reads = {m: [read_run(run_dir(args.out_root, m, s), cmds[(m, s)][0]) for s in args.seeds] for m in ("clip", "silc")}
+    sps = {m: [r["sec_per_step"] for r in reads[m] if r] for m in reads}
+    eq_steps = equal_time_steps(args.steps, sps["clip"], sps["silc"])
+    if eq_steps is not None and not args.dry_run:
+        with open(eq_path, "w") as f:
+            json.dump({"steps": args.steps, "clip_steps": eq_steps, "clip_sec_per_step": sps["clip"],
+                       "silc_sec_per_step": sps["silc"]}, f, indent=2)
+    if eq_steps is None:
+        print(f"# equal time: clip's step count = steps x (silc s/step) / (clip s/step), measured "
+              f"from the runs above once they exist; e.g. with --steps={args.steps}:")
+        if args.dry_run:
+            for s in args.seeds:
+                print(" ".join(train_command("clip", s, "<T_clip>", args.eval_split,
+                                             run_dir(args.out_root, EQTIME, s), extra)))
+    return eq_steps
+
+
+def write_report(args, extra, cmds, eq_steps, threads):
+    """ablation.md (tables, paired differences), ablation.png and ablation.json of the finished runs."""
+    runs, steps_of = {}, {}
+    for (label, seed), (cmd, out) in cmds.items():
+        r = read_run(out, cmd)
+        if r is not None:
+            runs.setdefault(label, []).append(dict(r, seed=seed))
+            steps_of[label] = r["step"]
+    if not runs:
+        print("no finished runs to summarise")
+        return None
+    summary = summarize(runs)
+    md_path, png_path, json_path = (os.path.join(args.out_root, f"ablation.{e}") for e in ("md", "png", "json"))
+    cmd_line = " ".join(["python -m experiments.ablate", f"--methods={','.join(args.methods)}",
+                         f"--seeds={','.join(map(str, args.seeds))}", f"--steps={args.steps}",
+                         f"--eval_split={args.eval_split}"] + (["--equal_time"] if args.equal_time else [])
+                        + ([f"--jobs={args.jobs}"] if args.jobs > 1 else [])
+                        + (["--", " ".join(extra)] if extra else []))
+    table = markdown_table(summary, keys=tuple(METRICS) + tuple(COST), steps=steps_of)
+    has_probe = any(a["n"] for agg in summary.values() for k, a in agg.items() if k in PROBE)
+    if has_probe:
+        table += "\n\nDense linear probe (probe.py: fitted on the tune split, scored on val):\n\n"
+        table += markdown_table(summary, keys=tuple(PROBE), steps=steps_of)
+    paired = paired_differences(runs)
+    if paired:
+        table += ("\n\nPaired by seed (same seed = same initial weights and image order): the difference "
+                  "to clip, mean ± std [min–max] over seeds, and on how many seeds it is positive:\n\n"
+                  + paired_table(paired))
+    note = ("Cells: mean ± sample std [min–max] over seeds, percent (mIoU from eval_seg.py; accuracy "
+            f"and R@1 x 100); s/step from train.py's log; wall s includes start-up and evaluation. "
+            f"Split: {args.eval_split}.")
+    if args.jobs > 1:
+        note += (f" Timing: {args.jobs} runs at a time with {threads} thread(s) each, so s/step and wall s "
+                 f"measure a shared machine (compare them between methods only roughly).")
+    if eq_steps:
+        note += f" {EQTIME}: clip trained for {eq_steps} steps, the wall time of silc's {args.steps}."
+    with open(md_path, "w") as f:
+        f.write(f"Command: `{cmd_line}`\n\n{table}\n\n{note}\n")
+    eq = f" ({EQTIME}: {eq_steps})" if eq_steps else ""
+    draw_chart(summary, png_path, keys=tuple(METRICS) + (tuple(PROBE) if has_probe else ()),
+               title=f"shapes {args.eval_split} split, {args.steps} steps{eq}; "
+                     f"bars: mean, whiskers: min-max over seeds (percent)")
+    with open(json_path, "w") as f:
+        json.dump({"command": cmd_line, "eval_split": args.eval_split, "steps": args.steps,
+                   "equal_time_clip_steps": eq_steps, "extra": extra, "summary": summary,
+                   "paired_vs_clip": paired, "runs": runs}, f, indent=2)
+    print(f"\n{table}\n\n{note}\nwrote {md_path}, {png_path}, {json_path}")
+    return summary
+
+
 def main(argv=None):
     args, extra = parse_args(argv)
     if not args.dry_run:
@@ -438,89 +514,12 @@ def main(argv=None):
     # args.jobs threads, each waiting on one train.py subprocess at a time (1 job: in plan order)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: go(*job), plan))
-
-    eq_steps = None
-    if args.equal_time:
-        # Measured once, then kept in equal_time.json: a rerun (resume) must not give the
-        # remaining seeds a different step count because the timing noise moved.
-        eq_path = os.path.join(args.out_root, "equal_time.json")
-        if os.path.exists(eq_path) and not args.force:
-            with open(eq_path) as f:
-                saved = json.load(f)
-            if saved["steps"] == args.steps:
-                eq_steps = saved["clip_steps"]
-        if eq_steps is None:
-            reads = {m: [read_run(run_dir(args.out_root, m, s), cmds[(m, s)][0]) for s in args.seeds]
-                     for m in ("clip", "silc")}
-            sps = {m: [r["sec_per_step"] for r in reads[m] if r] for m in reads}
-            eq_steps = equal_time_steps(args.steps, sps["clip"], sps["silc"])
-            if eq_steps is not None and not args.dry_run:
-                with open(eq_path, "w") as f:
-                    json.dump({"steps": args.steps, "clip_steps": eq_steps, "clip_sec_per_step": sps["clip"],
-                               "silc_sec_per_step": sps["silc"]}, f, indent=2)
-        if eq_steps is None:
-            print(f"# equal time: clip's step count = steps x (silc s/step) / (clip s/step), measured "
-                  f"from the runs above once they exist; e.g. with --steps={args.steps}:")
-            if args.dry_run:
-                for s in args.seeds:
-                    out = run_dir(args.out_root, EQTIME, s)
-                    print(" ".join(train_command("clip", s, "<T_clip>", args.eval_split, out, extra)))
-        else:
-            print(f"equal time: clip gets {eq_steps} steps (silc's {args.steps} steps' wall time)")
-            for s in args.seeds:
-                go(EQTIME, "clip", s, eq_steps)
-    if args.dry_run:
-        return None
-
-    # --- the report ---
-    runs, steps_of = {}, {}
-    for (label, seed), (cmd, out) in cmds.items():
-        r = read_run(out, cmd)
-        if r is not None:
-            runs.setdefault(label, []).append(dict(r, seed=seed))
-            steps_of[label] = r["step"]
-    if not runs:
-        print("no finished runs to summarise")
-        return None
-    summary = summarize(runs)
-    md_path, png_path, json_path = (os.path.join(args.out_root, f"ablation.{e}") for e in ("md", "png", "json"))
-    extra_txt = " ".join(extra)
-    cmd_line = " ".join(["python ablate.py", f"--methods={','.join(args.methods)}",
-                         f"--seeds={','.join(map(str, args.seeds))}", f"--steps={args.steps}",
-                         f"--eval_split={args.eval_split}"] + (["--equal_time"] if args.equal_time else [])
-                        + ([f"--jobs={args.jobs}"] if args.jobs > 1 else [])
-                        + (["--", extra_txt] if extra else []))
-    table = markdown_table(summary, keys=tuple(METRICS) + tuple(COST), steps=steps_of)
-    has_probe = any(a["n"] for agg in summary.values() for k, a in agg.items() if k in PROBE)
-    if has_probe:
-        table += "\n\nDense linear probe (probe.py: fitted on the tune split, scored on val):\n\n"
-        table += markdown_table(summary, keys=tuple(PROBE), steps=steps_of)
-    paired = paired_differences(runs)
-    if paired:
-        table += ("\n\nPaired by seed (same seed = same initial weights and image order): the difference "
-                  "to clip, mean ± std [min–max] over seeds, and on how many seeds it is positive:\n\n"
-                  + paired_table(paired))
-    note = ("Cells: mean ± sample std [min–max] over seeds, percent (mIoU from eval_seg.py; accuracy "
-            f"and R@1 x 100); s/step from train.py's log; wall s includes start-up and evaluation. "
-            f"Split: {args.eval_split}.")
-    if args.jobs > 1:
-        note += (f" Timing: {args.jobs} runs at a time with {threads} thread(s) each, so s/step and wall s "
-                 f"measure a shared machine (compare them between methods only roughly).")
-    if eq_steps:
-        note += f" {EQTIME}: clip trained for {eq_steps} steps, the wall time of silc's {args.steps}."
-    with open(md_path, "w") as f:
-        f.write(f"Command: `{cmd_line}`\n\n{table}\n\n{note}\n")
-    eq = f" ({EQTIME}: {eq_steps})" if eq_steps else ""
-    draw_chart(summary, png_path, keys=tuple(METRICS) + (tuple(PROBE) if has_probe else ()),
-               title=f"shapes {args.eval_split} split, {args.steps} steps{eq}; "
-                     f"bars: mean, whiskers: min-max over seeds (percent)")
-    with open(json_path, "w") as f:
-        json.dump({"command": cmd_line, "eval_split": args.eval_split, "steps": args.steps,
-                   "equal_time_clip_steps": eq_steps, "extra": extra, "summary": summary,
-                   "paired_vs_clip": paired, "runs": runs},
-                  f, indent=2)
-    print(f"\n{table}\n\n{note}\nwrote {md_path}, {png_path}, {json_path}")
-    return summary
+    eq_steps = equal_time_steps_for(args, cmds, extra) if args.equal_time else None
+    if eq_steps is not None:
+        print(f"equal time: clip gets {eq_steps} steps (silc's {args.steps} steps' wall time)")
+        for s in args.seeds:
+            go(EQTIME, "clip", s, eq_steps)
+    return None if args.dry_run else write_report(args, extra, cmds, eq_steps, threads)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""
-probe.py: a dense linear probe. How much do a model's patch features know about the classes, with
+"""experiments/probe.py: a dense linear probe. How much do a model's patch features know about the classes, with
 the text tower left out?
 
 Zero-shot segmentation (eval_seg.py) asks two things of the patch features at once:
@@ -43,8 +42,8 @@ iterations (its result depends on when the optimiser stops), while 1e-4 nearly h
 at 100 iterations, 237 at 300). `--choose_wd` instead takes the grid's best score per checkpoint.
 
 Run:
-    python probe.py --ckpt runs/clip_s0/ckpt.pt runs/silc_s0/ckpt.pt      # naive features
-    python probe.py --ckpt runs/*_s0/ckpt.pt --dense maskclip
+    python -m experiments.probe --ckpt runs/clip_s0/ckpt.pt runs/silc_s0/ckpt.pt      # naive features
+    python -m experiments.probe --ckpt runs/*_s0/ckpt.pt --dense maskclip
 Prints one row per checkpoint and writes <checkpoint folder>/probe_<dense>.json (other
 settings than the defaults write a file whose name says them).
 """
@@ -58,8 +57,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from eval_seg import (IGNORE_INDEX, ConfusionMatrix, dense_features, load_dataset, load_model_from_checkpoint,
-                      miou_from_confusion, preprocess, to_percent)
+from eval_seg import ConfusionMatrix, dense_features, miou_from_confusion, preprocess, to_percent
+from loaders.pretrained import load_model_from_checkpoint
+from loaders.segmentation import IGNORE_INDEX, load_dataset
 
 WD_GRID = (1e-5, 1e-4, 1e-3)
 DEFAULT_WD = 1e-4

@@ -1,0 +1,5 @@
+"""The measuring scripts, beside the reading path: run each from the repository root as
+`python -m experiments.<script>`.
+  bench   what one training step of each method costs (train.train_step itself), and its MFU
+  ablate  the methods against each other over seeds, with paired differences, tables and charts
+  probe   a dense linear probe of the patch features that zero-shot segmentation reads"""
