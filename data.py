@@ -75,6 +75,18 @@ BYTE_OFFSET = 4                     # byte b has id b + 4
 VOCAB_SIZE = 256 + BYTE_OFFSET      # 260
 
 
+def pad_batch(rows: list[list[int]], context_length: int) -> torch.Tensor:
+    """Token id lists -> LongTensor [B, context_length], right-padded with PAD_ID."""
+    return torch.tensor([ids + [PAD_ID] * (context_length - len(ids)) for ids in rows],
+                        dtype=torch.long).reshape(len(rows), context_length)
+
+
+def _bounded(ids: list[int], context_length: int) -> list[int]:
+    """SOT ids EOT, cut to context_length with the EOT (the pooling position) kept last."""
+    ids = [SOT_ID] + ids + [EOT_ID]
+    return ids if len(ids) <= context_length else ids[: context_length - 1] + [EOT_ID]
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: no vocabulary file, no unknown tokens, any language.
 
@@ -92,31 +104,62 @@ class ByteTokenizer:
         self.special_ids = (PAD_ID, SOT_ID, EOT_ID)              # never masked, never drawn as replacements
 
     def encode(self, text: str) -> list[int]:
-        ids = [SOT_ID] + [b + BYTE_OFFSET for b in text.encode("utf-8")] + [EOT_ID]
-        if len(ids) > self.context_length:
-            ids = ids[: self.context_length - 1] + [EOT_ID]   # cut, but the EOT survives
-        return ids
+        return _bounded([b + BYTE_OFFSET for b in text.encode("utf-8")], self.context_length)
 
     def __call__(self, texts) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        L = self.context_length
-        rows = [self.encode(t) for t in texts]
-        padded = [ids + [PAD_ID] * (L - len(ids)) for ids in rows]
-        return torch.tensor(padded, dtype=torch.long).reshape(len(texts), L)   # [B, L]
+        texts = [texts] if isinstance(texts, str) else texts
+        return pad_batch([self.encode(t) for t in texts], self.context_length)   # [B, L]
 
     def decode(self, ids) -> str:
         """Inverse of encode: stops at the first EOT, drops special ids. A multi-byte character cut
         by truncation decodes to U+FFFD rather than raising."""
-        if torch.is_tensor(ids):
-            ids = ids.tolist()
-        out = bytearray()
-        for i in ids:
-            if i == EOT_ID:
-                break
-            if i >= BYTE_OFFSET:
-                out.append(i - BYTE_OFFSET)
-        return out.decode("utf-8", errors="replace")
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        ids = ids[:ids.index(EOT_ID)] if EOT_ID in ids else ids
+        return bytes(i - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode("utf-8", errors="replace")
+
+    def state(self) -> dict:
+        """What a checkpoint needs to rebuild this tokenizer (loaders.pretrained.tokenizer_from_state)."""
+        return {"kind": "byte", "context_length": self.context_length}
+
+
+class WordTokenizer:
+    """Whole words as tokens, for a closed vocabulary such as the shapes world's (loaders/shapes.py,
+    about 70 words and "," "."). Each shape name is then ONE token, so the text tower does not first
+    have to learn to spell "circle" from bytes before a caption can mean anything: a byte-level
+    tiny CLIP sits for a seed-dependent 90-200 steps on its log-B plateau (docs/experiments.md).
+    Ids: PAD 0, SOT 1, EOT 2, MASK 3, UNK 4 (any word outside the vocabulary), then the vocabulary.
+    A word is a run of letters (lower-cased); "," and "." are tokens of their own. decode joins the
+    words with spaces and re-attaches the punctuation, so every shapes caption round-trips exactly.
+    Same interface as ByteTokenizer; real image-text data keeps the byte (or CLIP's BPE) tokenizer."""
+
+    UNK_ID = 4
+
+    def __init__(self, words, context_length: int = 32):
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (room for SOT and EOT), got {context_length}")
+        self.words = list(dict.fromkeys(words))                          # [V'], order kept, no repeats
+        self.ids = {w: i + self.UNK_ID + 1 for i, w in enumerate(self.words)}
+        self.context_length, self.vocab_size = context_length, self.UNK_ID + 1 + len(self.words)
+        self.pad_token_id, self.eot_token_id, self.mask_token_id = PAD_ID, EOT_ID, MASK_ID
+        self.special_ids = (PAD_ID, SOT_ID, EOT_ID, self.UNK_ID)
+
+    def encode(self, text: str) -> list[int]:
+        pieces = re.findall(r"[^\W\d_]+|[^\w\s]", text.lower())          # words, and punctuation marks
+        return _bounded([self.ids.get(p, self.UNK_ID) for p in pieces], self.context_length)
+
+    def __call__(self, texts) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        return pad_batch([self.encode(t) for t in texts], self.context_length)   # [B, L]
+
+    def decode(self, ids) -> str:
+        """Inverse of encode up to the first EOT: words joined by spaces, no space before "," or "."."""
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        ids = ids[:ids.index(EOT_ID)] if EOT_ID in ids else ids
+        words = [self.words[i - self.UNK_ID - 1] if i > self.UNK_ID else "<unk>" for i in ids if i >= self.UNK_ID]
+        return re.sub(r" ([,.])", r"\1", " ".join(words))
+
+    def state(self) -> dict:
+        return {"kind": "word", "context_length": self.context_length, "words": self.words}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,26 +205,44 @@ def local_crop_size(image_size: int, patch_size: int) -> int:
     return max(patch_size, round(image_size * 96 / 224 / patch_size) * patch_size)
 
 
-def sample_crop_box(height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, keep=None, tries=10):
+def sample_crop_box(height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, keep=None, tries=10,
+                    foreground=None, min_foreground=0.0):
     """A random-resized-crop box (top, left, h, w) with area fraction in `scale` and aspect w/h in
     `ratio` (log-uniform), as in Inception / torchvision. keep: float [n, 4] boxes (x0, y0, x1, y1)
     that the crop must contain. After `tries` failures: the whole image if `keep` was given (it
-    contains everything), else the largest centred square within the scale range."""
-    r = torch.rand(tries, 4, generator=generator).tolist()   # fixed number of draws per call
+    contains everything), else the largest centred square within the scale range.
+    foreground (bool [H, W]) with min_foreground > 0: each draw is placed around a random foreground
+    pixel (anywhere inside the crop), and the crop must be at least that fraction foreground (after
+    3 x `tries` draws: the most foreground one)."""
+    placed = foreground is not None and min_foreground > 0
+    r = torch.rand(3 * tries if placed else tries, 5 if placed else 4, generator=generator).tolist()  # fixed count
+    fg_pixels = foreground.nonzero().tolist() if placed else []               # [(y, x)]
+    best, best_fg = None, -1.0
     area = height * width
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    for u_area, u_ratio, u_top, u_left in r:
+    for u_area, u_ratio, u_top, u_left, *u_anchor in r:
         target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
         aspect = math.exp(lo + (hi - lo) * u_ratio)
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if not (0 < w <= width and 0 < h <= height):
             continue
         top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+        if placed and fg_pixels:                   # the anchor pixel sits at (u_top, u_left) of the crop
+            y, x = fg_pixels[int(u_anchor[0] * len(fg_pixels))]
+            top = min(max(y - int(u_top * h), 0), height - h)
+            left = min(max(x - int(u_left * w), 0), width - w)
         if keep is not None and len(keep) > 0:
             k = keep.tolist() if torch.is_tensor(keep) else keep
             if not all(left <= x0 and top <= y0 and left + w >= x1 and top + h >= y1 for x0, y0, x1, y1 in k):
                 continue
-        return top, left, h, w
+        if not placed:
+            return top, left, h, w
+        fg = float(foreground[top:top + h, left:left + w].float().mean())
+        if fg >= min_foreground:
+            return top, left, h, w
+        best, best_fg = ((top, left, h, w), fg) if fg > best_fg else (best, best_fg)
+    if best is not None:
+        return best
     if keep is not None and len(keep) > 0:
         return 0, 0, height, width
     side = min(height, width, round(math.sqrt(scale[1] * area)))
@@ -318,7 +379,8 @@ class MultiCrop:
     def __init__(self, image_size: int = 64, patch_size: int = 4, n_global: int = 2, n_local: int = 8,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), local_size: int | None = None,
                  ratio=(3 / 4, 4 / 3), flip: bool = True, local_colour: bool = True,
-                 colour_prob: float = 0.8, grayscale_prob: float = 0.2, keep_objects: bool = True):
+                 colour_prob: float = 0.8, grayscale_prob: float = 0.2, keep_objects: bool = True,
+                 local_foreground: float = 0.0, hue: float = 0.1):
         if n_global < 1:
             raise ValueError(f"n_global must be >= 1 (the text-paired view), got {n_global}")
         if image_size % patch_size != 0:
@@ -329,8 +391,11 @@ class MultiCrop:
             raise ValueError(f"local_size {self.local_size} is not a multiple of patch_size {patch_size}")
         self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), ratio
         self.flip, self.local_colour = flip, local_colour
-        self.colour_prob, self.grayscale_prob = colour_prob, grayscale_prob
+        self.colour_prob, self.grayscale_prob, self.hue = colour_prob, grayscale_prob, hue   # DINO: 0.8, 0.2, 0.1
         self.keep_objects = keep_objects
+        # A toy-world choice (SILC's reviewers: "a local crop may contain only background"): when the
+        # sample has a mask, a local crop must be at least this fraction foreground (an object part).
+        self.local_foreground = local_foreground
 
     def __call__(self, sample: dict, generator=None) -> dict:
         img = sample["image"]
@@ -359,7 +424,9 @@ class MultiCrop:
             out["mask"] = hflip(m) if flip_global else m
 
         # Local views: own flips, plus colour augmentation (never paired with text).
-        l_boxes = [(*sample_crop_box(H, W, self.local_scale, self.ratio, generator),
+        fg = sample["mask"] > 0 if self.local_foreground > 0 and sample.get("mask") is not None else None
+        l_boxes = [(*sample_crop_box(H, W, self.local_scale, self.ratio, generator, foreground=fg,
+                                     min_foreground=self.local_foreground if fg is not None else 0.0),
                     self.flip and bool(torch.rand(1, generator=generator) < 0.5)) for _ in range(self.n_local)]
         locals_, l_colour = [], []
         if self.n_local > 0:
@@ -370,7 +437,7 @@ class MultiCrop:
             jitter = (u[:, 0] < self.colour_prob) & self.local_colour   # [n] bool
             grey = (u[:, 1] < self.grayscale_prob) & self.local_colour
             if jitter.any():
-                views = torch.where(jitter.view(-1, 1, 1, 1), color_jitter(views, generator=generator), views)
+                views = torch.where(jitter.view(-1, 1, 1, 1), color_jitter(views, hue=self.hue, generator=generator), views)
             if grey.any():
                 views = torch.where(grey.view(-1, 1, 1, 1), grayscale(views), views)
             locals_ = list(normalize(views).unbind(0))

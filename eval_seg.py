@@ -71,9 +71,9 @@ from tqdm import tqdm
 
 from clip import autocast_for, pick_device, trim_padding
 from data import collate, normalize
-from loaders.pretrained import load_model_from_checkpoint
+from loaders.pretrained import checkpoint_config, load_model_from_checkpoint
 from loaders.segmentation import DATASETS, IGNORE_INDEX, dataset_defaults, load_dataset
-from loaders.shapes import SHAPES_TEMPLATES, ShapesDataset
+from loaders.shapes import SHAPES_TEMPLATES, ShapesDataset, world_from_config
 from loaders.templates import get_templates
 
 DENSE_MODES = ("naive", "maskclip", "sclip", "clearclip")
@@ -335,6 +335,15 @@ class ConfusionMatrix:
         self.counts += torch.bincount(target * C + pred, minlength=C * C).view(C, C)
 
 
+def chance_miou(counts):
+    """The mIoU that labels drawn uniformly at random would score, from the truth's class counts
+    (rows of the confusion matrix): class c with n_c of N pixels gets E[TP] = n_c / C, E[FP] =
+    (N - n_c) / C, E[FN] = n_c (1 - 1/C), so IoU_c = n_c / (N + (C - 1) n_c); every class is predicted,
+    so all C count. Balanced classes: 1 / (2C - 1), 6.7% for 8."""
+    n = torch.as_tensor(counts, dtype=torch.float64).sum(1)                 # [C] truth pixels per class
+    return float((n / (n.sum() + (len(n) - 1) * n)).mean())
+
+
 def to_percent(v):
     """A metric fraction -> percent, rounded to 4 decimals; None or NaN (no union) -> None."""
     return None if v is None or math.isnan(v) else round(100 * v, 4)
@@ -540,7 +549,7 @@ def display_names(class_names, bg):
     return display
 
 
-def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", templates=None,
+def evaluate_segmentation(model, tokenizer, dataset="shapes8", dense="naive", templates=None,
                           short_side=None, crop=None, stride=None, logit_scale=None, bg_prompts=None,
                           prob_thresh=None, batch_size=32, max_images=None, out_dir=None, n_pictures=8,
                           progress=True, device=None, root=None, image_size=64):
@@ -548,7 +557,7 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
 
     model: an unwrapped CLIP (not DDP / compiled); its train/eval mode is restored afterwards.
     dataset: an object from load_dataset (with .name, .class_names, .background_index), or a name
-    for load_dataset (with `root`; for "shapes", the val split at `image_size` pixels).
+    for load_dataset (with `root`; for "shapes8" / "shapes9", the val split at `image_size` pixels).
     Settings left at None take the dataset's protocol (loaders.segmentation.PROTOCOL); short_side=0 keeps the
     native size, crop=0 means whole-image inference. bg_prompts: give the background class its text
     names; prob_thresh: best class probability below which a pixel becomes background (0 = off).
@@ -557,7 +566,7 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     per_class_iou {first class name: IoU or None if the class has no union}.
     """
     if isinstance(dataset, str):
-        dataset = (load_dataset("shapes", split="val", size=image_size) if dataset == "shapes"
+        dataset = (load_dataset(dataset, split="val", size=image_size) if dataset.startswith("shapes")
                    else load_dataset(dataset, root))
     if dense not in DENSE_MODES:
         raise ValueError(f"unknown dense mode {dense!r}; choose one of {DENSE_MODES}")
@@ -580,7 +589,8 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
         raw, truth, images, pred = segment_group(model, group, text, settings, C, bg, device)
         conf.update(pred, truth)
         for j in range(min(len(group), n_pictures - len(pictures)) if out_dir is not None else 0):
-            pictures.append((raw[j], truth[j].numpy(), pred[j].numpy()))
+            shown = pred[j] if bg is not None else torch.where(truth[j] == IGNORE_INDEX, IGNORE_INDEX, pred[j])
+            pictures.append((raw[j], truth[j].numpy(), shown.numpy()))    # (ignored pixels are not shown)
             save_pca_picture(raw[j], _whole_image_features(model, images[j:j + 1], dense),
                              os.path.join(out_dir, f"seg_pca_{len(pictures) - 1:03d}.png"))
         bar.update(len(group))
@@ -590,7 +600,7 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes", dense="naive", tem
     display = display_names(dataset.class_names, bg)
     result = {"dataset": dataset.name, "num_images": n, "miou": to_percent(m["miou"]),
               "fg_miou": to_percent(m["fg_miou"]) if bg is not None else None,
-              "pixel_acc": to_percent(m["pixel_acc"]),
+              "pixel_acc": to_percent(m["pixel_acc"]), "chance_miou": to_percent(chance_miou(conf.counts)),
               "per_class_iou": {name: to_percent(v) for name, v in zip(display, m["iou"])},
               "seconds": round(time.time() - t0, 2), "settings": settings}
     if out_dir is not None:
@@ -626,13 +636,15 @@ def recall_at_k(sim, match, ks=(1, 5)):
 
 @torch.no_grad()
 def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="cpu", autocast_ctx=None,
-                   seg_out_dir=None):
+                   seg=True, seg_out_dir=None, world=None):
     """The shapes world's zero-shot measures of a CLIP model (an unwrapped one; its mode is restored):
       val_loss, i2t_r1/r5, t2i_r1/r5  retrieval on the multi-object `split` (n images; every candidate
                                        with the same caption counts as correct)
       zeroshot_acc                     the 8 shape names in the shapes templates, on single-object images
-      miou_X, fg_miou_X                zero-shot segmentation with the naive and MaskCLIP readouts, when
-                                       seg_out_dir is given (pictures and seg_metrics.json go there)"""
+      shapes8_X, shapes9_X             zero-shot segmentation mIoU with each dense readout X, background
+                                       ignored (8 classes) / as a class (9), with seg; shapes8_chance: the
+                                       mIoU of uniformly random labels. seg_out_dir: pictures and
+                                       seg_metrics.json of shapes8 go there"""
     autocast_ctx = autocast_ctx or autocast_for(torch.device(device))
     was_training = model.training
     model.eval()
@@ -641,7 +653,8 @@ def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="
         return [collate([dataset[j] for j in range(i, min(i + size, n))], tokenizer) for i in range(0, n, size)]
     # --- retrieval + val loss on the multi-object split ---
     imgs, txts, caps, losses = [], [], [], []
-    for batch in batches(ShapesDataset(split, size=image_size, length=n, seed=0)):
+    world = world or {}                                 # ShapesDataset's options (the training world's)
+    for batch in batches(ShapesDataset(split, size=image_size, length=n, seed=0, **world)):
         with autocast_ctx:
             im, tx, scale, bias = model(batch["images"].to(device), batch["tokens"].to(device))
         im, tx = im.float(), tx.float()
@@ -655,7 +668,7 @@ def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="
     i2t, t2i = recall_at_k(sim, same), recall_at_k(sim.T, same)
     metrics.update(val_loss=float(np.mean(losses)), i2t_r1=i2t[1], i2t_r5=i2t[5], t2i_r1=t2i[1], t2i_r5=t2i[5])
     # --- zero-shot classification on single-object images ---
-    single = ShapesDataset(split + "_single", size=image_size, length=n, seed=0)
+    single = ShapesDataset(split + "_single", size=image_size, length=n, seed=0, **world)
     classifier = build_text_classifier(model, tokenizer, [[c] for c in single.class_names], SHAPES_TEMPLATES,
                                        device=device)
     correct = 0
@@ -665,14 +678,19 @@ def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="
         pred = classifier_scores(im, classifier).argmax(dim=1).cpu()
         correct += (pred == batch["labels"]).sum().item()
     metrics["zeroshot_acc"] = correct / len(single)
-    # --- zero-shot segmentation ---
-    if seg_out_dir is not None:
-        seg_data = load_dataset("shapes", split=split, size=image_size, length=n)
-        for dense in ("naive", "maskclip"):
-            seg = evaluate_segmentation(model, tokenizer, dataset=seg_data, dense=dense, device=device,
-                                        out_dir=os.path.join(seg_out_dir, f"seg_{dense}"), max_images=n)
-            metrics[f"miou_{dense}"] = seg["miou"]
-            metrics[f"fg_miou_{dense}"] = seg["fg_miou"]
+    # --- zero-shot segmentation, every dense readout: shapes8 (background ignored, the headline) and
+    #     shapes9 (background as a class, through its prompts) ---
+    if seg:
+        for name in ("shapes8", "shapes9"):
+            data = load_dataset(name, split=split, size=image_size, length=n, **world)
+            for dense in DENSE_MODES:
+                out = os.path.join(seg_out_dir, f"seg_{name}_{dense}") if seg_out_dir and name == "shapes8" else None
+                result = evaluate_segmentation(model, tokenizer, dataset=data, dense=dense, device=device,
+                                               out_dir=out, max_images=n, progress=False)
+                metrics[f"{name}_{dense}"] = result["miou"]
+                if name == "shapes8" and dense == "naive":
+                    metrics["shapes8_chance"] = result["chance_miou"]
+            metrics[f"{name}_best"] = max(metrics[f"{name}_{d}"] for d in DENSE_MODES)   # the best readout
     model.train(was_training)
     return metrics
 
@@ -688,7 +706,9 @@ def main(argv=None):
     ap.add_argument("--bpe_path", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz (public checkpoints)")
     ap.add_argument("--act", default="quick_gelu", choices=("quick_gelu", "gelu"),
                     help="activation of a public checkpoint: quick_gelu (OpenAI) or gelu (most open_clip)")
-    ap.add_argument("--dataset", default="shapes", choices=DATASETS)
+    ap.add_argument("--dataset", default="shapes8", choices=DATASETS,
+                    help="shapes8: background ignored (the headline, as VOC-20); shapes9: background a class")
+    ap.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher's image tower")
     ap.add_argument("--root", default=None, help="dataset folder (not needed for shapes)")
     ap.add_argument("--split", default="val", help="shapes split (val | tune | val_single | ...)")
     ap.add_argument("--dense", default="naive", choices=DENSE_MODES)
@@ -710,10 +730,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
-    model, tokenizer = load_model_from_checkpoint(args.ckpt, device, bpe_path=args.bpe_path, act=args.act)
-    if args.dataset == "shapes":
+    model, tokenizer = load_model_from_checkpoint(args.ckpt, device, bpe_path=args.bpe_path, act=args.act,
+                                                  teacher=args.teacher)
+    if args.dataset.startswith("shapes"):       # the world the checkpoint was trained in
         size = args.size or model.config.image_size
-        dataset = load_dataset("shapes", split=args.split, size=size, seed=args.seed)
+        dataset = load_dataset(args.dataset, split=args.split, size=size, seed=args.seed,
+                               **world_from_config(checkpoint_config(args.ckpt)))
     else:
         dataset = load_dataset(args.dataset, args.root)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))

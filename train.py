@@ -30,6 +30,7 @@ processes and for any grad_accum (tests/test_train.py checks both).
 """
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -45,11 +46,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip import CLIP, autocast_for, model_config, pick_device, trim_padding
-from data import EOT_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, MultiCrop, collate, make_loader
+from data import EOT_ID, PAD_ID, ByteTokenizer, MultiCrop, WordTokenizer, collate, make_loader
 from ema import ema_update, make_teacher, teacher_forward
 from eval_seg import shapes_metrics
 from loaders.imagetext import build_dataset
 from loaders.pretrained import config_from_checkpoint, load_pretrained_into
+from loaders.shapes import SHAPES_VOCABULARY, world_from_config
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
                     center_stats, clip_loss, mlm_loss, siglip_loss, teacher_entropy)
 from masking import num_masked, sample_generator, sample_masks, sample_mlm
@@ -79,6 +81,11 @@ class Config:
     num_workers: int = 1
     image_size: int = 64
     shapes_colour_prob: float = 0.2  # shapes data: fraction of captions that name colours (loaders/shapes.py)
+    shapes_backdrop: str = "uniform"  # shapes data: uniform | patchwork (a background that names no image)
+    shapes_object_scale: float = 1.0  # shapes data: object radii 11-20 px at 64 px, times this
+    shapes_two_objects: float = 0.5  # shapes data: the fraction of (multi-object split) images with two objects
+    shapes_templates: bool = True   # shapes data: captions in phrases ("a photo of ...") or the objects alone
+    tokenizer: str = "auto"         # auto: word-level for shapes (a closed vocabulary), byte-level for real data
     # --- model ---
     model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
     patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it
@@ -101,8 +108,13 @@ class Config:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0
+    grad_clip_mode: str = "global"  # global: one norm over all gradients | tensor: each tensor alone (DINO)
+    log_grad_norms: bool = False    # log each objective's gradient norm on the image tower (one process)
     # --- SILC: local-to-global self-distillation ---
     n_local_crops: int = 4
+    local_foreground: float = 0.0   # a local crop must be this fraction object (shapes only; 0 = any crop)
+    local_colour_prob: float = 0.8  # colour jitter of the local crops: how often (DINO 0.8), and its hue
+    local_hue: float = 0.1          # range in turns (DINO 0.1; 0.5 = any hue: a local crop's colour says nothing)
     sd_weight: float = 1.0          # w_sd in L = L_con + w_sd * L_sd
     sd_start: float = 0.0           # fraction of training after which self-distillation switches on
     head_hidden: int = 512          # DINO head sizes (DINO, B/16: 2048 / 256 / 65536)
@@ -123,6 +135,7 @@ class Config:
     dist_weight: float = -1.0       # -1 = method default: 0.05 (maskclip), 0.25 (silc+maskclip)
     mlm_weight: float = -1.0        # -1 = method default: 0.05 (maskclip), 0 (silc+maskclip)
     mlm_prob: float = 0.2
+    patch_loss: str = "masked"      # masked (MaskCLIP, iBOT) | all: every patch, hidden or not (TIPSv2)
     decoder_layers: int = 1
     text_decoder_layers: int = 1
     # --- logging, evaluation, checkpoints ---
@@ -172,7 +185,8 @@ def parse_args(argv):
 def resolve_method_defaults(cfg):
     """Fill the -1 / auto fields with the defaults of the chosen method, and check choices."""
     choices = dict(method=METHODS, loss=("softmax", "sigmoid"), mask_mode=("drop", "token", "auto"),
-                   mask_kind=("random", "block"), momentum_schedule=("fixed", "cosine"))
+                   mask_kind=("random", "block"), momentum_schedule=("fixed", "cosine"),
+                   grad_clip_mode=("global", "tensor"), patch_loss=("masked", "all"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -227,28 +241,39 @@ def build_model_config(cfg):
         if cfg.init_from:
             ckpt_cfg, tokenizer = config_from_checkpoint(cfg.init_from, cfg.bpe_path, act=cfg.init_act)
             return dataclasses.replace(ckpt_cfg, image_size=cfg.image_size, **sigmoid), tokenizer
-        clip_cfg = model_config(cfg.model, image_size=cfg.image_size, vocab_size=VOCAB_SIZE, eot_token_id=EOT_ID,
-                                pad_token_id=PAD_ID, context_length=64, **overrides, **sigmoid)
+        kind = ("word" if cfg.data == "shapes" else "byte") if cfg.tokenizer == "auto" else cfg.tokenizer
+        if kind not in ("word", "byte"):
+            raise ValueError(f"--tokenizer must be auto, word or byte, got {cfg.tokenizer!r}")
+        tokenizer = WordTokenizer(SHAPES_VOCABULARY, context_length=32) if kind == "word" else ByteTokenizer(64)
+        clip_cfg = model_config(cfg.model, image_size=cfg.image_size, vocab_size=tokenizer.vocab_size, eot_token_id=EOT_ID,
+                                pad_token_id=PAD_ID, context_length=tokenizer.context_length, **overrides, **sigmoid)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    return clip_cfg, ByteTokenizer(clip_cfg.context_length)
+    return clip_cfg, tokenizer
 
 
 # -----------------------------------------------------------------------------------------------
 # Data: the views each method needs (data.MultiCrop), the source (loaders/), the batch order
+def shapes_world(cfg):
+    """The shapes world's options (loaders.shapes.ShapesDataset) for training and evaluation alike."""
+    return world_from_config(dataclasses.asdict(cfg))
+
+
 def build_train_data(cfg, patch_size, tokenizer):
     """(dataset, collate_fn). The crops depend on the model (patch size -> local crop size), the
     batches on the tokenizer. SILC methods get 2 global + n local crops (scale 0.4-1 / 0.05-0.4); the
     others one text-paired view of scale 0.9-1.0 (open_clip's training crop); all share the flip."""
     if "silc" in cfg.method:
-        transform = MultiCrop(cfg.image_size, patch_size, n_global=2, n_local=cfg.n_local_crops)
+        transform = MultiCrop(cfg.image_size, patch_size, n_global=2, n_local=cfg.n_local_crops,
+                              local_foreground=cfg.local_foreground, colour_prob=cfg.local_colour_prob,
+                              hue=cfg.local_hue)
     else:
         transform = MultiCrop(cfg.image_size, patch_size, n_global=1, n_local=0, global_scale=(0.9, 1.0))
     sep = None if cfg.csv_separator == "auto" else cfg.csv_separator
     try:
         dataset = build_dataset(cfg.data, "train", transform, cfg.image_size, seed=cfg.seed, n=cfg.subset,
                                 csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
-                                csv_sep=sep, repeat=True, colour_prob=cfg.shapes_colour_prob)
+                                csv_sep=sep, repeat=True, world=shapes_world(cfg))
     except (FileNotFoundError, ValueError) as e:   # a wrong path or a bad file: say so, no traceback
         sys.exit(f"error: {e}")
     return dataset, functools.partial(collate, tokenizer=tokenizer)
@@ -261,7 +286,7 @@ class Pretrainer(nn.Module):
     def __init__(self, cfg, clip_cfg):
         super().__init__()
         self.cfg = cfg
-        self.use_sd = "silc" in cfg.method
+        self.use_sd = "silc" in cfg.method and cfg.sd_weight > 0     # silc with sd_weight 0: SILC's views alone
         self.use_mask = "maskclip" in cfg.method
         self.clip = CLIP(clip_cfg)
         if not self.use_mask or cfg.mask_mode == "drop":
@@ -296,7 +321,7 @@ class Pretrainer(nn.Module):
         """L2-normalised embeddings of every text-paired view [n_g, b, E] and of the captions [b, E],
         and the image tokens [n_g*b, 1+N, D]."""
         txt = F.normalize(self.clip.text(batch["tokens"])[0], dim=-1)          # [b, E]
-        if self.use_sd or (self.use_mask and "global_crops" in batch):
+        if "global_crops" in batch:
             # SILC: every global view is aligned with the caption ("otherwise the two objectives
             # diverge", SILC sec. 3). One encoder forward per resolution: globals here, locals later.
             g = batch["global_crops"]                                           # [2, b, 3, S, S]
@@ -347,7 +372,9 @@ class Pretrainer(nn.Module):
         n_masked = num_masked(mask.shape[1], cfg.mask_ratio)
         _, m_tok = self.clip.visual(src, mask=mask, mask_mode=cfg.mask_mode, num_masked=n_masked)  # [b, 1+N', D]
         pred = self.decoder(m_tok, mask, self.clip.visual)                      # [b, N, D]
-        # every micro-batch of a step hides the same number of patches: the step's count is n_slots x
+        if cfg.patch_loss == "all":   # TIPSv2's iBOT++: the visible patches are scored too
+            mask, n_masked = torch.ones_like(mask), mask.shape[1]
+        # every micro-batch of a step scores the same number of patches: the step's count is n_slots x
         return self.mask_loss(self.patch_head(pred), teacher_out["patch"], mask, teacher_temp,
                               num_masked=n_masked, count=mask.sum() * n_slots)
 
@@ -470,22 +497,41 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
         with (contextlib.nullcontext() if j == k - 1 or world == 1 else model.no_sync()):
             with autocast_ctx:
                 out = model(batch, t_out, t_temp, cache, j)
+            if cfg.log_grad_norms and world == 1 and j == 0 and (step + 1) % cfg.log_interval == 0:
+                terms.update(objective_grad_norms(out, pretrainer))
             out["loss"].backward()
         for name, v in out.items():
             if name != "loss":    # contrastive: the whole step's value in every slot; the rest: shares
-                terms[name] = v.detach().float() + (terms.get(name, 0.0) if name != "contrastive" else 0.0)
+                v = v.detach().to(torch.promote_types(v.dtype, torch.float32))      # bf16 -> float32
+                terms[name] = v + (terms.get(name, 0.0) if name != "contrastive" else 0.0)
         for name, logits in (("sd", (t_out or {}).get("global")), ("dist", (t_out or {}).get("patch"))):
             if logits is not None:
                 stats[name] = stats.get(name, 0.0) + center_stats(logits)
     for name, loss in (("sd", "l2g_loss"), ("dist", "mask_loss")):   # one centre update per step
         if name in stats:
             getattr(pretrainer, loss).update_center(stats[name])
-    terms["loss"] = sum(pretrainer.weights[name] * v for name, v in terms.items())
+    terms["loss"] = sum(pretrainer.weights[name] * v for name, v in terms.items() if name in pretrainer.weights)
     if distill:
         terms["teacher_temp"] = t_temp                                           # a float: the same on every rank
         if pretrainer.use_sd:
             terms["teacher_entropy"] = teacher_entropy(t_out["global"], pretrainer.l2g_loss.center, t_temp)
+        if pretrainer.use_mask:        # MaskCLIP's patch codes: near log K = nothing to distil
+            terms["patch_entropy"] = teacher_entropy([t_out["patch"].flatten(0, 1)], pretrainer.mask_loss.center, t_temp)
     return terms
+
+
+def objective_grad_norms(out, pretrainer):
+    """Each weighted objective's gradient norm on the image tower, and its cosine with the contrastive
+    gradient: which loss drives the shared encoder (a diagnostic on log steps; one extra backward each)."""
+    params = [p for p in pretrainer.clip.visual.parameters() if p.requires_grad]
+    grads = {}
+    for name, v in out.items():
+        if name != "loss":
+            g = torch.autograd.grad(pretrainer.weights[name] * v, params, retain_graph=True, allow_unused=True)
+            grads[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+    con = grads["contrastive"]
+    return {**{f"gnorm_{n}": g.norm() for n, g in grads.items()},
+            **{f"gcos_{n}": F.cosine_similarity(g, con, dim=0) for n, g in grads.items() if n != "contrastive"}}
 
 
 def train_step(model, pretrainer, teacher, optimizer, batches, step, cfg, autocast_ctx=contextlib.nullcontext(),
@@ -513,8 +559,12 @@ def train_step(model, pretrainer, teacher, optimizer, batches, step, cfg, autoca
 
 def apply_update(pretrainer, optimizer, cfg, step, teacher=None, momentum=None):
     """After backward: clip, (DINO) cancel the last head layer's early gradient, AdamW, clamp, EMA."""
-    if cfg.grad_clip > 0:
+    if cfg.grad_clip > 0 and cfg.grad_clip_mode == "global":
         torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), cfg.grad_clip)
+    elif cfg.grad_clip > 0:                             # DINO's utils.clip_gradients: each tensor on its own
+        for p in pretrainer.parameters():
+            if p.grad is not None:
+                torch.nn.utils.clip_grad_norm_([p], cfg.grad_clip)
     if pretrainer.use_sd and step < cfg.freeze_last_layer_steps:
         pretrainer.head.cancel_last_layer_grad()
     optimizer.step()
@@ -528,11 +578,11 @@ def apply_update(pretrainer, optimizer, cfg, step, teacher=None, momentum=None):
 # Checkpoints: written atomically, only tensors, numbers, strings, lists and dicts (torch.load with
 # weights_only=True). No random-number state: the loop draws from no global generator (crops are
 # seeded per sample, masks per sample and step), so resume is exact by construction.
-def save_checkpoint(path, pretrainer, teacher, optimizer, step, cfg):
+def save_checkpoint(path, pretrainer, teacher, optimizer, step, cfg, tokenizer):
     sd = pretrainer.state_dict()
     atomic_save({
         "model": {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")},  # a plain CLIP
-        "model_config": dataclasses.asdict(pretrainer.clip.config),
+        "model_config": dataclasses.asdict(pretrainer.clip.config), "tokenizer": tokenizer.state(),
         "extra": {k: v for k, v in sd.items() if not k.startswith("clip.")},  # heads, decoders, centres
         "teacher": teacher.state_dict() if teacher is not None else None,
         "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
@@ -605,12 +655,28 @@ def log_record(step, terms, skipped, world, samples_per_s, logit_scale):
             **{k: round(float(v), 6) for k, v in terms.items()}, "skipped": int(n_skipped)}
 
 
-def evaluate(clip, cfg, tokenizer, device, autocast_ctx, with_seg=False):
-    """The shapes world's zero-shot measures (eval_seg.shapes_metrics); other data: use eval_seg.py."""
+def evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, pictures=False):
+    """The shapes world's zero-shot measures (eval_seg.shapes_metrics) of the student and, when there is
+    one, of the EMA teacher (its image tower, the student's text tower; DINO evaluates the teacher).
+    Other data: use eval_seg.py on a dataset."""
     if cfg.data != "shapes":
         return {}
-    return shapes_metrics(clip, tokenizer, cfg.eval_split, cfg.image_size, cfg.eval_samples, device,
-                          autocast_ctx, seg_out_dir=cfg.out_dir if with_seg else None)
+    clip, metrics = pretrainer.clip, {}
+    for prefix, model in (("", clip), ("teacher_", teacher_clip(clip, teacher) if teacher is not None else None)):
+        if model is not None:
+            out = cfg.out_dir if pictures else None
+            m = shapes_metrics(model, tokenizer, cfg.eval_split, cfg.image_size, cfg.eval_samples, device, autocast_ctx,
+                               seg=cfg.eval_seg, seg_out_dir=os.path.join(out, prefix + "seg") if out else None,
+                               world=shapes_world(cfg))
+            metrics.update({prefix + k: v for k, v in m.items()})
+    return metrics
+
+
+def teacher_clip(clip, teacher):
+    """A CLIP whose image tower is the EMA teacher's and whose text tower is the student's."""
+    model = copy.deepcopy(clip)
+    model.visual.load_state_dict(teacher["visual"].state_dict())
+    return model
 
 
 # -----------------------------------------------------------------------------------------------
@@ -673,12 +739,12 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
         pbar.update(1)
         if master and cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            m = evaluate(pretrainer.clip, cfg, tokenizer, device, autocast_ctx)
+            m = evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step + 1, **m}) + "\n")
             tqdm.write(f"step {step + 1}: {m}")
         if master and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.steps, cfg.stop_at)):
-            save_checkpoint(ckpt_path, pretrainer, teacher, optimizer, step + 1, cfg)
+            save_checkpoint(ckpt_path, pretrainer, teacher, optimizer, step + 1, cfg, tokenizer)
         if step + 1 == cfg.stop_at:
             pbar.close()
             if master:
@@ -687,7 +753,7 @@ def main(argv=None):
     pbar.close()
     if master and cfg.eval:
         t0 = time.time()
-        metrics = {**evaluate(pretrainer.clip, cfg, tokenizer, device, autocast_ctx, with_seg=cfg.eval_seg),
+        metrics = {**evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, pictures=True),
                    "step": cfg.steps}
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)

@@ -53,30 +53,39 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from train import METHODS, Config
+from train import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
-# metric key in metrics.json -> (column title, factor to percent)
+# The ablation's arms: a label -> its train.py flags. clip+views is SILC's views and contrastive loss
+# (both global crops, scale 0.4-1, each paired with the caption) with no distillation: it separates
+# "extra views" from "distillation", which SILC's reviewers asked for.
+ARMS = {"clip": ["--method=clip"], "clip+views": ["--method=silc", "--sd_weight=0"], "silc": ["--method=silc"],
+        "maskclip": ["--method=maskclip"], "silc+maskclip": ["--method=silc+maskclip"]}
+# metric key in metrics.json -> (column title, factor to percent). shapes8: background ignored, the 8
+# shapes as classes (the field's headline convention, as VOC-20); best: the best of the 4 dense readouts.
 METRICS = {
-    "miou_naive": ("mIoU naive", 1.0),
-    "fg_miou_naive": ("fg-mIoU naive", 1.0),
-    "miou_maskclip": ("mIoU MaskCLIP", 1.0),
-    "fg_miou_maskclip": ("fg-mIoU MaskCLIP", 1.0),
+    "shapes8_best": ("shapes8 best", 1.0),
+    "shapes8_naive": ("shapes8 naive", 1.0),
+    "shapes8_maskclip": ("shapes8 MaskCLIP", 1.0),
+    "shapes8_sclip": ("shapes8 SCLIP", 1.0),
+    "shapes8_clearclip": ("shapes8 ClearCLIP", 1.0),
+    "shapes9_best": ("shapes9 best (with bg)", 1.0),
     "zeroshot_acc": ("zero-shot acc", 100.0),
     "i2t_r1": ("I->T R@1", 100.0),
     "t2i_r1": ("T->I R@1", 100.0),
+    "teacher_shapes8_best": ("teacher shapes8 best", 1.0),
+    "teacher_zeroshot_acc": ("teacher zero-shot acc", 100.0),
 }
-# dense linear probe (probe.py, run on each run's checkpoint): key -> (column title, dense mode, field)
+# dense linear probe (probe.py on each run's checkpoint, shapes8): key -> (column title, dense mode, who)
 PROBE = {
-    "probe_miou_naive": ("probe mIoU naive", "naive", "miou"),
-    "probe_fg_miou_naive": ("probe fg-mIoU naive", "naive", "fg_miou"),
-    "probe_miou_maskclip": ("probe mIoU MaskCLIP", "maskclip", "miou"),
-    "probe_fg_miou_maskclip": ("probe fg-mIoU MaskCLIP", "maskclip", "fg_miou"),
+    "probe_naive": ("probe shapes8 naive", "naive", ""),
+    "probe_maskclip": ("probe shapes8 MaskCLIP", "maskclip", ""),
+    "probe_teacher_naive": ("teacher probe shapes8 naive", "naive", "teacher_"),
 }
 COST = {"sec_per_step": ("s/step", 1.0), "wall_s": ("wall s", 1.0)}
 TITLES = {k: v[0] for k, v in {**METRICS, **PROBE, **COST}.items()}   # column / chart-group titles
 EQTIME = "clip_eqtime"          # the label (and folder prefix) of the equal-wall-clock CLIP runs
-RESERVED = ("method", "seed", "steps", "out_dir", "eval_split", "resume")   # set by ablate.py itself
+RESERVED = ("method", "sd_weight", "seed", "steps", "out_dir", "eval_split", "resume")   # set by ablate.py
 
 
 # -----------------------------------------------------------------------------------------------
@@ -86,9 +95,9 @@ def run_dir(out_root, label, seed):
     return os.path.join(out_root, f"{label}_s{seed}")
 
 
-def train_command(method, seed, steps, eval_split, out_dir, extra=(), python=sys.executable):
-    """The train.py command line of one run (a list for subprocess)."""
-    return [python, os.path.join(ROOT, "train.py"), f"--method={method}", f"--seed={seed}",
+def train_command(arm, seed, steps, eval_split, out_dir, extra=(), python=sys.executable):
+    """The train.py command line of one run of an arm (a list for subprocess)."""
+    return [python, os.path.join(ROOT, "train.py"), *ARMS[arm], f"--seed={seed}",
             f"--steps={steps}", f"--eval_split={eval_split}", f"--out_dir={out_dir}", *extra]
 
 
@@ -186,23 +195,26 @@ def read_run(out_dir, cmd):
         with open(info) as f:
             wall = json.load(f).get("wall_s")
     row["wall_s"] = wall
-    probes = {}                                              # dense mode -> probe.py's result
-    for dense in {d for _, d, _ in PROBE.values()}:
-        probe_path = os.path.join(out_dir, f"probe_{dense}.json")
+    for key, (_, dense, who) in PROBE.items():               # probe.py's results, where they exist
+        probe_path = os.path.join(out_dir, f"probe_{who}{dense}.json")
+        row[key] = None
         if os.path.exists(probe_path):
             with open(probe_path) as f:
-                probes[dense] = json.load(f)
-    for key, (_, dense, field) in PROBE.items():
-        row[key] = probes.get(dense, {}).get(field)
+                row[key] = json.load(f).get("miou")
     return row
 
 
 def probe_commands(out_dir, python=sys.executable):
-    """probe.py's commands for a finished run whose probe results are missing (one per dense mode)."""
+    """probe.py's commands for a finished run whose probe results are missing (one per dense mode,
+    and the teacher's when the run has one)."""
     ckpt = os.path.join(out_dir, "ckpt.pt")
-    return [[python, "-m", "experiments.probe", f"--ckpt={ckpt}", f"--dense={dense}"]
-            for dense in sorted({d for _, d, _ in PROBE.values()})
-            if not os.path.exists(os.path.join(out_dir, f"probe_{dense}.json"))]
+    has_teacher = False
+    if os.path.exists(os.path.join(out_dir, "metrics.json")):
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            has_teacher = "teacher_zeroshot_acc" in json.load(f)
+    return [[python, "-m", "experiments.probe", f"--ckpt={ckpt}", f"--dense={dense}"] + (["--teacher"] if who else [])
+            for _, dense, who in PROBE.values() if has_teacher or not who
+            if not os.path.exists(os.path.join(out_dir, f"probe_{who}{dense}.json"))]
 
 
 def run_probes(out_dir, dry_run=False, threads=0):
@@ -372,7 +384,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Arguments after `--` go to every train.py run (e.g. -- --batch_size=64).")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(ARMS), help=f"arms, from {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=540, help="optimizer steps per run (default: train.py's)")
     p.add_argument("--eval_split", default="val", choices=("val", "tune"))
@@ -391,8 +403,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {METHODS}")
+        if m not in ARMS:
+            p.error(f"unknown arm {m!r}; choose from {list(ARMS)}")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s != ""]
         check_extra(extra)

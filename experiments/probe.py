@@ -58,8 +58,9 @@ import torch
 import torch.nn.functional as F
 
 from eval_seg import ConfusionMatrix, dense_features, miou_from_confusion, preprocess, to_percent
-from loaders.pretrained import load_model_from_checkpoint
+from loaders.pretrained import checkpoint_config, load_model_from_checkpoint
 from loaders.segmentation import IGNORE_INDEX, load_dataset
+from loaders.shapes import world_from_config
 
 WD_GRID = (1e-5, 1e-4, 1e-3)
 DEFAULT_WD = 1e-4
@@ -176,18 +177,19 @@ def choose_wd(feats, labels, num_classes, background_index, grid=WD_GRID, hold_o
 
 
 def run_probe(model, dense="naive", fit_split="tune", eval_split="val", size=None, device="cpu",
-              wd=DEFAULT_WD, max_images=None):
-    """The whole protocol on the shapes data: features of both splits, the probe fitted on all of
-    fit_split (wd=None: wd chosen on fit_split first), scored once on eval_split. Returns a dict
-    (percent)."""
+              wd=DEFAULT_WD, max_images=None, dataset="shapes8", world=None):
+    """The whole protocol on the shapes data (shapes8: background ignored, 8 classes, the headline;
+    shapes9: background a class): features of both splits, the probe fitted on all of fit_split
+    (wd=None: wd chosen on fit_split first), scored once on eval_split. world: ShapesDataset's
+    options (the training world's). Returns a dict (percent)."""
     size = size or model.config.image_size
     t0 = time.time()
     data = {}
     model.eval()
     for split in (fit_split, eval_split):
-        ds = load_dataset("shapes", split=split, size=size)
+        ds = load_dataset(dataset, split=split, size=size, **(world or {}))
         if max_images is not None and max_images < len(ds):
-            ds = load_dataset("shapes", split=split, size=size, length=max_images)
+            ds = load_dataset(dataset, split=split, size=size, length=max_images, **(world or {}))
         data[split] = (ds, *extract_features(model, ds, dense, device=device))
     ds, f_fit, y_fit = data[fit_split]
     C, bg = len(ds.class_names), ds.background_index
@@ -221,6 +223,9 @@ def main(argv=None):
     ap.add_argument("--bpe_path", default=None, help="CLIP's BPE vocabulary, for checkpoints that use it "
                     "(train.py --init_from); the probe itself never reads text")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dataset", default="shapes8", choices=("shapes8", "shapes9"),
+                    help="shapes8: background ignored (the headline); shapes9: background a class")
+    ap.add_argument("--teacher", action="store_true", help="probe the EMA teacher's image tower")
     args = ap.parse_args(argv)
     if args.wd < 0:
         ap.error(f"--wd must be >= 0, got {args.wd}")
@@ -230,21 +235,23 @@ def main(argv=None):
         if not os.path.isfile(path):
             ap.error(f"checkpoint not found: {path}")
     # the standard protocol writes probe_<dense>.json; any other setting gets its own file
-    default = (args.fit_split, args.eval_split, args.wd, args.choose_wd, args.max_images) == \
-        ("tune", "val", DEFAULT_WD, False, None)
+    default = (args.fit_split, args.eval_split, args.wd, args.choose_wd, args.max_images, args.dataset) == \
+        ("tune", "val", DEFAULT_WD, False, None, "shapes8")
     wd_tag = "auto" if args.choose_wd else f"{args.wd:g}"
     n_tag = "" if args.max_images is None else f"_n{args.max_images}"
-    name = (f"probe_{args.dense}.json" if default
-            else f"probe_{args.dense}_{args.fit_split}-{args.eval_split}_wd{wd_tag}{n_tag}.json")
+    who = "teacher_" if args.teacher else ""
+    name = (f"probe_{who}{args.dense}.json" if default else
+            f"probe_{who}{args.dense}_{args.dataset}_{args.fit_split}-{args.eval_split}_wd{wd_tag}{n_tag}.json")
     results = {}
     print(f"{'checkpoint':50s} {'mIoU':>6s} {'fg-mIoU':>8s} {'wd':>7s}")
     for path in args.ckpt:
         try:
-            model, _ = load_model_from_checkpoint(path, args.device, bpe_path=args.bpe_path)
+            model, _ = load_model_from_checkpoint(path, args.device, bpe_path=args.bpe_path, teacher=args.teacher)
         except ValueError as e:
             ap.error(str(e))
         r = run_probe(model, args.dense, args.fit_split, args.eval_split, device=args.device,
-                      wd=None if args.choose_wd else args.wd, max_images=args.max_images)
+                      wd=None if args.choose_wd else args.wd, max_images=args.max_images, dataset=args.dataset,
+                      world=world_from_config(checkpoint_config(path)))
         r["checkpoint"] = path
         with open(os.path.join(os.path.dirname(os.path.abspath(path)), name), "w") as f:
             json.dump(r, f, indent=2)

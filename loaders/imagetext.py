@@ -338,13 +338,12 @@ def subset(dataset, n):
 def build_dataset(name_or_path: str, split: str = "train", transform=None, image_size: int = 64,
                   length: int | None = None, seed: int = 0, n: float = 0, csv_img_key: str = "filepath",
                   csv_caption_key: str = "title", csv_sep: str | None = None, repeat: bool = False,
-                  colour_prob: float = 0.2):
+                  world: dict | None = None):
     """"shapes" -> ShapesDataset(split); a .csv/.tsv path -> CsvDataset; a folder of .tar shards, a
     .tar file or a brace pattern -> TarShardDataset (shuffled and, with repeat=True, endless).
-    `split` only applies to shapes (real data: pass a different path). n > 0 -> subset(dataset, n)."""
+    `split` and `world` (ShapesDataset's options) only apply to shapes. n > 0 -> subset(dataset, n)."""
     if name_or_path == "shapes":
-        ds = ShapesDataset(split, size=image_size, length=length, seed=seed, transform=transform,
-                           colour_prob=colour_prob)
+        ds = ShapesDataset(split, size=image_size, length=length, seed=seed, transform=transform, **(world or {}))
     elif name_or_path.lower().endswith((".csv", ".tsv")):
         ds = CsvDataset(name_or_path, transform, csv_img_key, csv_caption_key, csv_sep)
     else:

@@ -90,7 +90,7 @@ from dataclasses import asdict
 import torch
 
 from clip import CLIP, CLIPConfig, interpolate_pos_embed
-from data import ByteTokenizer
+from data import ByteTokenizer, WordTokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 1. Weights: OpenAI / open_clip names -> clip.py names
@@ -363,13 +363,36 @@ def config_from_checkpoint(path: str, bpe_path: str, act: str = "quick_gelu"):
     return config, BPETokenizer(bpe_path, context_length=config.context_length)
 
 
-def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gelu"):
+def tokenizer_from_state(state: dict, bpe_path: str | None = None, where: str = "the checkpoint"):
+    """The tokenizer a train.py checkpoint was trained with, from its recorded state (tokenizer.state()):
+    the byte or word tokenizer (data.py) is rebuilt as it was; CLIP's BPE needs its merges file."""
+    if state["kind"] == "byte":
+        return ByteTokenizer(context_length=state["context_length"])
+    if state["kind"] == "word":
+        return WordTokenizer(state["words"], context_length=state["context_length"])
+    if not bpe_path:
+        raise ValueError(f"{where} uses CLIP's BPE vocabulary: pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
+    return BPETokenizer(bpe_path, context_length=state["context_length"])
+
+
+def checkpoint_config(path: str) -> dict:
+    """The train.py config a checkpoint was written with ({} for a public checkpoint)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:          # a TorchScript archive
+        return {}
+    return ckpt.get("config") or {} if isinstance(ckpt, dict) else {}
+
+
+def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gelu", teacher=False):
     """A checkpoint -> (model in eval mode on device, tokenizer).
 
     Two kinds of file:
     * a train.py checkpoint, {"model": CLIP state_dict, "model_config": dict of CLIPConfig fields}
       (also a converted public model saved by save_converted): the tokenizer is the one the
-      model was trained with (byte-level, unless the config has CLIP's BPE vocabulary);
+      model was trained with (recorded in the checkpoint; older ones: byte-level unless the config
+      has CLIP's BPE vocabulary). teacher=True: the image tower is the EMA teacher's (SILC and
+      MaskCLIP runs keep one; DINO evaluates the teacher), the text tower the student's;
     * a public CLIP checkpoint (OpenAI .pt / TorchScript, open_clip .bin): converted by pretrained.py;
       its BPE tokenizer reads `bpe_path` (bpe_simple_vocab_16e6.txt.gz). `act`: quick_gelu for the
       OpenAI weights, gelu for open_clip models without "-quickgelu" in their name.
@@ -389,15 +412,15 @@ def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gel
         model, tokenizer = load_pretrained(path, merges_path=bpe_path, act=act)
         return model.to(device).eval(), tokenizer
     config = CLIPConfig(**ckpt["model_config"])
-    if config.vocab_size == ByteTokenizer().vocab_size:
-        tokenizer = ByteTokenizer(context_length=config.context_length)
-    else:                      # fine-tuned from a public CLIP (train.py --init_from): CLIP's BPE
-        if not bpe_path:
-            raise ValueError(f"{path} uses CLIP's BPE vocabulary: pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
-        tokenizer = BPETokenizer(bpe_path, context_length=config.context_length)
+    state = ckpt.get("tokenizer") or {"kind": "byte" if config.vocab_size == ByteTokenizer().vocab_size else "bpe"}
+    tokenizer = tokenizer_from_state({"context_length": config.context_length, **state}, bpe_path, path)
     model = CLIP(config)
     # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    if teacher:
+        if not ckpt.get("teacher"):
+            raise ValueError(f"{path} holds no EMA teacher (only the self-distillation methods keep one)")
+        state.update({k: v for k, v in ckpt["teacher"].items() if k.startswith("visual.")})
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer
 
@@ -536,6 +559,10 @@ class BPETokenizer:
         self.special_ids = (self.pad_token_id, self.sot_token_id, self.eot_token_id)
         self.context_length = context_length
         self.cache = {}                                       # word -> list of symbols
+
+    def state(self) -> dict:
+        """What a checkpoint records of this tokenizer (the merges file itself is the user's)."""
+        return {"kind": "bpe", "context_length": self.context_length}
 
     def bpe(self, word: str) -> list[str]:
         """Merge one word's symbols: repeatedly join every occurrence of the best-ranked adjacent pair."""

@@ -27,7 +27,7 @@ from loaders.shapes import ShapesSegmentation
 
 IGNORE_INDEX = 255
 CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
-DATASETS = ("shapes", "voc20", "voc21", "context59", "context60", "ade150", "cityscapes", "cocostuff171", "folder")
+DATASETS = ("shapes8", "shapes9", "voc20", "voc21", "context59", "context60", "ade150", "cityscapes", "cocostuff171", "folder")
 
 
 def read_class_names(path) -> list[list[str]]:
@@ -250,11 +250,13 @@ def folder_dataset(root, background_index="auto"):
 _REFERENCE = dict(short_side=336, crop=224, stride=112, logit_scale=40.0, templates="openai",
                   bg_prompts=False, prob_thresh=0.0)
 PROTOCOL = {
-    # Shapes images are tiny (64 px, the training size): whole image, native resolution. Background
-    # by its own prompts: the captions name it ("... on a striped background") in 1 of 5 samples.
-    # (Untuned: pick bg_prompts / prob_thresh on the "tune" split, never on val.)
-    "shapes": dict(short_side=0, crop=0, stride=0, logit_scale=40.0, templates="shapes",
-                   bg_prompts=True, prob_thresh=0.0),
+    # Shapes images are tiny (64 px, the training size): whole image, native resolution. shapes8
+    # ignores the background, as VOC-20 does; shapes9 keeps it as a class, predicted by its own prompts
+    # (the captions name it, "... on a striped background", in 1 of 5 samples), as VOC-21 does.
+    "shapes8": dict(short_side=0, crop=0, stride=0, logit_scale=40.0, templates="shapes",
+                    bg_prompts=False, prob_thresh=0.0),
+    "shapes9": dict(short_side=0, crop=0, stride=0, logit_scale=40.0, templates="shapes",
+                    bg_prompts=True, prob_thresh=0.0),
     "voc20": _REFERENCE,
     "voc21": dict(_REFERENCE, bg_prompts=True, prob_thresh=0.1),   # SCLIP: background names + 0.1
     "context59": _REFERENCE,
@@ -267,16 +269,16 @@ PROTOCOL = {
 
 
 def dataset_defaults(dataset):
-    """The protocol of a dataset object (by its name; shapes-* -> shapes, unknown -> folder), a copy."""
+    """The protocol of a dataset object (by its name; shapes8-* -> shapes8, unknown -> folder), a copy."""
     name = dataset.name.split("-")[0] if dataset.name.startswith("shapes") else dataset.name
     return dict(PROTOCOL.get(name, PROTOCOL["folder"]))
 
 
 def load_dataset(name, root=None, **kwargs):
-    """Dataset by name: shapes | voc20 | voc21 | context59 | context60 | ade150 | cityscapes |
+    """Dataset by name: shapes8 | shapes9 | voc20 | voc21 | context59 | context60 | ade150 | cityscapes |
     cocostuff171 | folder. kwargs go to the reader (e.g. shapes: split, size, seed, length)."""
-    if name == "shapes":
-        return ShapesSegmentation(**kwargs)
+    if name in ("shapes8", "shapes9"):
+        return ShapesSegmentation(background="ignore" if name == "shapes8" else "class", **kwargs)
     if root is None:
         raise ValueError(f"dataset {name!r} needs --root (the dataset folder)")
     if not Path(root).exists():

@@ -17,6 +17,8 @@ Also here: SHAPES_TEMPLATES, the zero-shot prompts for the shape names, and Shap
 the same world seen as a segmentation benchmark (background = label 0).
 """
 
+import re
+
 import numpy as np
 import torch
 
@@ -32,7 +34,7 @@ SHAPE_MAX_ROTATION = {"circle": 0, "square": 15, "triangle": 20, "star": 180, "c
 COLOUR_NAMES = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
 COLOUR_RGB = np.array([[220, 40, 40], [245, 140, 20], [240, 220, 30], [40, 180, 60],
                        [30, 200, 220], [40, 80, 230], [140, 60, 200], [240, 110, 190]], np.uint8)
-BACKGROUND_NAMES = ["plain", "gradient", "noisy", "striped"]
+BACKGROUND_NAMES = ["plain", "gradient", "noisy", "striped", "patchwork"]   # the last: backdrop="patchwork"
 
 # Training-caption templates ({} = the list of objects). No template word contains a shape name.
 CAPTION_TEMPLATES = ["{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}",
@@ -99,6 +101,26 @@ def _article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
+# Every word a caption or a zero-shot prompt of this world can hold: the vocabulary of the word-level
+# tokenizer (data.WordTokenizer). The templates' words, the objects' (names, plurals, colours, counts,
+# sizes), the relations' and the backgrounds', and the two punctuation marks.
+GRAMMAR_WORDS = ["a", "an", "and", "are", "large", "small", "to", "the", "left", "right", "of", "above",
+                 "below", "on", "background", ",", "."]
+SHAPES_VOCABULARY = sorted(set(GRAMMAR_WORDS + SHAPE_NAMES + [_plural(n) for n in SHAPE_NAMES] + COLOUR_NAMES
+                               + BACKGROUND_NAMES + list(_NUMBER_WORDS.values())
+                               + [w for t in CAPTION_TEMPLATES + SHAPES_TEMPLATES for w in re.findall(r"[a-z]+", t)]))
+
+
+def world_from_config(config: dict) -> dict:
+    """ShapesDataset's options from a train.py config (a dict, as checkpoints store it): the world a
+    model was trained in, so that it is evaluated in the same one."""
+    scale = config.get("shapes_object_scale", 1.0)
+    two = config.get("shapes_two_objects", 0.5)
+    return dict(colour_prob=config.get("shapes_colour_prob", 0.2), backdrop=config.get("shapes_backdrop", "uniform"),
+                radius=(11.0 * scale, 20.0 * scale), templates=config.get("shapes_templates", True),
+                n_objects_p=(1.0 - two, two, 0.0))
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """A procedural world of coloured shapes with captions and segmentation masks. No download.
 
@@ -142,11 +164,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, split: str = "train", size: int = 64, length: int | None = None, seed: int = 0,
                  transform=None, cache: bool | None = None, max_caption_bytes: int = 62,
                  colour_prob: float = 0.2, radius: tuple[float, float] = (11.0, 20.0),
-                 n_objects_p: tuple[float, float, float] = (0.5, 0.5, 0.0)):
+                 n_objects_p: tuple[float, float, float] = (0.5, 0.5, 0.0), backdrop: str = "uniform",
+                 templates: bool = True):
         if split not in _SPLIT_CODE:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {list(_SPLIT_CODE)}")
         if size < 32:
             raise ValueError(f"shapes images must be at least 32 px, got size={size}")
+        if backdrop not in ("uniform", "patchwork"):
+            raise ValueError(f"backdrop must be 'uniform' or 'patchwork', got {backdrop!r}")
+        self.backdrop, self.templates = backdrop, templates     # templates=False: captions are the objects alone
         self.split, self.size, self.seed, self.transform = split, size, seed, transform
         self.length = _DEFAULT_LENGTH[split] if length is None else int(length)
         self.single = split.endswith("_single")
@@ -179,7 +205,29 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     # --- background: drawn FIRST from the sample's generator, so it can be re-rendered alone ---
     def _draw_background(self, rng):
-        kind = int(rng.integers(len(BACKGROUND_NAMES)))
+        """(kind index, uint8 [H, W, 3]). backdrop "uniform": one of plain / gradient / noisy / striped with one
+        pair of tints, so every crop of an image shares its background's tint and texture: a local
+        crop can be matched to its own image by those alone (experiments/shortcut.py measures it).
+        "patchwork": 6-12 Voronoi cells, each its own uniform background, so a crop's background says
+        little about which image it came from."""
+        if self.backdrop == "uniform":
+            return self._draw_uniform(rng)
+        S, n = self.size, int(rng.integers(6, 13))
+        seeds = rng.uniform(0, S, size=(n, 2))                                          # [n, (x, y)]
+        cell = np.argmin((self._xx[..., None] - seeds[:, 0]) ** 2 + (self._yy[..., None] - seeds[:, 1]) ** 2, -1)
+        # per cell: two desaturated tints, a texture (0 plain, 1 noise, 2 stripes) and its direction
+        c1 = rng.uniform(35, 220, size=(n, 1)) + rng.uniform(-25, 25, size=(n, 3))      # [n, 3]
+        c2 = np.clip(c1 + rng.choice([-1, 1], size=(n, 1)) * rng.uniform(30, 60, size=(n, 1)), 0, 255)
+        kind, angle = rng.integers(3, size=n), rng.uniform(0, np.pi, size=n)
+        period, amp = rng.uniform(6, 14, size=n) * S / 64, rng.uniform(6, 20, size=n)
+        t = self._xx * np.cos(angle[cell]) + self._yy * np.sin(angle[cell])              # [H, W]
+        stripe = (kind[cell] == 2) & (np.mod(t / period[cell], 1.0) < 0.5)               # [H, W]
+        img = np.where(stripe[..., None], c2[cell], c1[cell])                             # [H, W, 3]
+        noise = rng.standard_normal((S, S, 3)) * (amp[cell] * (kind[cell] == 1))[..., None]
+        return BACKGROUND_NAMES.index("patchwork"), np.clip(np.rint(img + noise), 0, 255).astype(np.uint8)
+
+    def _draw_uniform(self, rng):
+        kind = int(rng.integers(4))
         c1 = rng.uniform(35, 220) + rng.uniform(-25, 25, size=3)       # desaturated tints
         c2 = rng.uniform(35, 220) + rng.uniform(-25, 25, size=3)
         angle = rng.uniform(0, 2 * np.pi)
@@ -273,6 +321,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         use_size = n >= 2 and max(radii) / min(radii) >= 1.4 and rng.random() < 0.4
         use_bg = rng.random() < 0.2
         template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+        template = template if self.templates else "{}"
         order = list(rng.permutation(n))
         relation = None
         if n == 2 and rng.random() < 0.35:
@@ -346,21 +395,32 @@ SHAPES_BACKGROUND_NAMES = ("background",) + tuple(f"{kind} background" for kind 
 
 
 class ShapesSegmentation(torch.utils.data.Dataset):
-    """data.py's procedural shapes, seen as a segmentation dataset: label 0 = background, k = shape class k.
+    """The shapes world seen as a segmentation benchmark, in the field's two conventions:
+      background="ignore" ("shapes8", the headline, as VOC-20 / PC-59 / ADE-150): background pixels
+          are ignored (label 255) and every pixel is classified among the 8 shapes (labels 0-7);
+      background="class" ("shapes9", as VOC-21): label 0 is the background class, k = shape k - 1,
+          predicted through its own prompts (or a probability threshold).
+    Items: {"image": uint8 [3, H, W], "mask": long [H, W], "name"}; class_names: one synonym list per
+    label; background_index: 0 or None."""
 
-    class_names: [background names] + [[name] for each shape class]; background_index = 0.
-    """
-
-    def __init__(self, split="val", size=64, seed=0, length=None, background_names=SHAPES_BACKGROUND_NAMES):
+    def __init__(self, split="val", size=64, seed=0, length=None, background="ignore",
+                 background_names=SHAPES_BACKGROUND_NAMES, **world):
+        if background not in ("ignore", "class"):
+            raise ValueError(f"background must be 'ignore' or 'class', got {background!r}")
         kwargs = {} if length is None else {"length": length}
-        self.shapes = ShapesDataset(split=split, size=size, seed=seed, **kwargs)
-        self.name = f"shapes-{split}"
-        self.class_names = [list(background_names)] + [[n] for n in self.shapes.class_names]
-        self.background_index = 0
+        self.shapes = ShapesDataset(split=split, size=size, seed=seed, **kwargs, **world)
+        self.ignore = background == "ignore"
+        self.name = f"shapes{8 if self.ignore else 9}-{split}"
+        shapes = [[n] for n in self.shapes.class_names]
+        self.class_names = shapes if self.ignore else [list(background_names)] + shapes
+        self.background_index = None if self.ignore else 0
 
     def __len__(self):
         return len(self.shapes)
 
     def __getitem__(self, i):
         item = self.shapes[i]
-        return {"image": item["image"], "mask": item["mask"].long(), "name": f"{i:05d}"}
+        mask = item["mask"].long()                                     # 0 background, k = shape k - 1
+        if self.ignore:
+            mask = torch.where(mask == 0, 255, mask - 1)
+        return {"image": item["image"], "mask": mask, "name": f"{i:05d}"}

@@ -55,6 +55,43 @@ def test_tokenizer_round_trip_and_truncation():
         ByteTokenizer(context_length=1)
 
 
+def test_word_tokenizer_ids_by_hand():
+    tok = data.WordTokenizer(["a", "red", "star", ",", "."], context_length=8)
+    # PAD 0, SOT 1, EOT 2, MASK 3, UNK 4, then the words in order: a 5, red 6, star 7, "," 8, "." 9
+    assert tok.vocab_size == 10 and tok.special_ids == (0, 1, 2, 4) and tok.mask_token_id == 3
+    assert tok.encode("a red star, a star.") == [1, 5, 6, 7, 8, 5, 7, 2]          # cut: EOT kept last
+    assert tok("A blue star")[0].tolist() == [1, 5, 4, 7, 2, 0, 0, 0]               # lower-cased; blue: UNK
+    assert tok.decode([1, 5, 6, 7, 8, 5, 9, 2, 0]) == "a red star, a."
+    assert tok.decode(tok.encode("a star")) == "a star" and tok.state()["words"] == tok.words
+
+
+def test_word_tokenizer_round_trips_every_caption_of_the_shapes_world():
+    """The shapes world's vocabulary covers every word it writes: thousands of captions of every split,
+    with colours in all of them, up to three objects (count words, relations, sizes, backgrounds, both
+    backdrops), and every zero-shot prompt of every class and background name, decode to themselves,
+    never through UNK."""
+    from loaders.shapes import (BACKGROUND_NAMES, SHAPES_BACKGROUND_NAMES, SHAPES_TEMPLATES, SHAPES_VOCABULARY,
+                                ShapesDataset)
+    tok = data.WordTokenizer(SHAPES_VOCABULARY, context_length=32)
+    captions = set()
+    for split in ("train", "tune", "val", "tune_single"):
+        for kwargs in (dict(), dict(colour_prob=1.0, n_objects_p=(0.2, 0.4, 0.4)), dict(backdrop="patchwork"),
+                       dict(colour_prob=0.0, n_objects_p=(0.0, 0.0, 1.0))):       # three of a kind: "three"
+            ds = ShapesDataset(split, length=600, cache=False, **kwargs)
+            captions |= {ds.generate(i)["caption"] for i in range(len(ds))}
+    prompts = {t.format(n) for t in SHAPES_TEMPLATES for n in ShapesDataset("val").class_names + list(SHAPES_BACKGROUND_NAMES)}
+    seen = set()
+    for text in captions | prompts:
+        ids = tok.encode(text)
+        assert WordTokenizer_UNK not in ids and tok.decode(ids) == text, text
+        seen |= set(re.findall(r"[a-z]+|[,.]", text))
+    assert len(captions) > 3000 and {"two", "three", "above", "patchwork", "large", ","} <= seen
+    assert set(BACKGROUND_NAMES) <= seen
+
+
+WordTokenizer_UNK = data.WordTokenizer.UNK_ID
+
+
 # ------------------------------------------------------------------------------------------------
 # transforms and multi-crop
 # ------------------------------------------------------------------------------------------------
@@ -125,6 +162,26 @@ def test_multicrop_sizes_scales_and_geometry():
         cols = left + ((torch.arange(64) + 0.5) * w / 64).floor().long()
         mref = s["mask"][rows][:, cols]
         assert torch.equal(out["mask"], mref.flip(-1) if flipped else mref)
+
+
+def test_local_crops_hold_an_object_part_when_asked():
+    """MultiCrop(local_foreground=0.25): every local crop box, read on the sample's rendered mask, is at
+    least 25% object pixels; without the rule about a tenth of them hold no object at all."""
+    ds = ShapesDataset("train", cache=False)
+    fractions = {0.0: [], 0.25: []}
+    for thr in fractions:
+        mc = MultiCrop(64, 8, n_global=2, n_local=6, local_foreground=thr)
+        for i in range(60):
+            sample = ds[i]
+            out = mc(sample, generator=torch.Generator().manual_seed(i))
+            fg = sample["mask"] > 0
+            fractions[thr] += [float(fg[t:t + h, l:l + w].float().mean()) for t, l, h, w, _ in out["local_boxes"]]
+    assert min(fractions[0.25]) >= 0.25
+    assert sum(f == 0 for f in fractions[0.0]) / len(fractions[0.0]) > 0.05
+    # and the rule changes nothing when off: the same boxes as a MultiCrop without the argument
+    a = MultiCrop(64, 8, n_local=3)(ds[0], generator=torch.Generator().manual_seed(1))
+    b = MultiCrop(64, 8, n_local=3, local_foreground=0.0)(ds[0], generator=torch.Generator().manual_seed(1))
+    assert a["local_boxes"] == b["local_boxes"]
 
 
 def test_global_crops_never_colour_augmented():

@@ -64,6 +64,34 @@ def test_miou_hand_worked_with_ignore_and_absent_classes():
     assert m["pixel_acc"] == pytest.approx(4 / 7)
 
 
+def test_shapes8_metric_by_hand_background_ignored():
+    """shapes8, the field's convention: a 4 x 4 label map with background (0) ignored and the shapes
+    shifted down by one; the prediction is scored among the 8 shapes only, by hand."""
+    raw = torch.tensor([[0, 0, 1, 1], [0, 3, 3, 1], [2, 2, 3, 0], [2, 0, 0, 0]])   # 0 bg, k = shape k - 1
+    truth = torch.where(raw == 0, 255, raw - 1)                                  # what ShapesSegmentation gives
+    pred = torch.tensor([[5, 7, 0, 0], [1, 2, 2, 0], [1, 1, 0, 4], [2, 6, 6, 6]])   # any class on background
+    cm = ConfusionMatrix(8)
+    cm.update(pred, truth)
+    # labelled pixels: class 0 (raw 1): 3 pixels, all predicted 0 -> TP 3; class 1 (raw 2): 3 pixels,
+    # predicted 1, 1, 2 -> TP 2, FN 1; class 2 (raw 3): 3 pixels predicted 2, 2, 0 -> TP 2, FN 1.
+    # FP: class 0 gets 1 (a class-2 pixel), class 2 gets 1 (a class-1 pixel), class 1 none.
+    m = miou_from_confusion(cm.counts)
+    assert m["iou"][:3] == pytest.approx([3 / 4, 2 / 3, 2 / 4])
+    assert all(math.isnan(v) for v in m["iou"][3:])                             # classes 3-7: no union
+    assert m["miou"] == pytest.approx((3 / 4 + 2 / 3 + 2 / 4) / 3) and m["pixel_acc"] == pytest.approx(7 / 9)
+    # the chance level of uniformly random labels: n_c / (N + (C - 1) n_c) per class, all C classes
+    counts = torch.zeros(8, 8, dtype=torch.long)
+    counts[0, 0], counts[1, 3], counts[2, 5] = 3, 3, 3                           # truth rows: 3, 3, 3, 0...
+    assert eval_seg.chance_miou(counts) == pytest.approx(3 * (3 / (9 + 7 * 3)) / 8)
+    balanced = torch.eye(8, dtype=torch.long) * 100
+    assert eval_seg.chance_miou(balanced) == pytest.approx(1 / 15)                # 6.7% for 8 classes
+    g = torch.Generator().manual_seed(0)                                          # and by simulation
+    y = torch.randint(0, 8, (200_000,), generator=g)
+    sim = ConfusionMatrix(8)
+    sim.update(torch.randint(0, 8, (200_000,), generator=g), y)
+    assert 100 * miou_from_confusion(sim.counts)["miou"] == pytest.approx(100 * eval_seg.chance_miou(sim.counts), abs=0.1)
+
+
 def test_confusion_rejects_labels_out_of_range():
     cm = ConfusionMatrix(3)
     with pytest.raises(ValueError, match="ground-truth labels"):
@@ -377,22 +405,31 @@ def test_evaluate_segmentation_end_to_end(tmp_path):
         eval_seg.evaluate_segmentation(model, tok, ds, bg_prompts=False, prob_thresh=0.0, progress=False)
 
 
-def test_shapes_dataset_runs_whole_image():
+def test_shapes_datasets_run_whole_image():
+    """shapes8 (background ignored, 8 shape classes: the headline, as VOC-20) and shapes9 (background a
+    class, by its prompts, as VOC-21), each against the naive oracle."""
     model, tok = tiny_model(), ByteTokenizer(context_length=32)
-    ds = ShapesSegmentation(split="val", size=32, length=3)
-    assert ds.background_index == 0 and ds.class_names[0][:2] == ["background", "plain background"]
-    assert [c[0] for c in ds.class_names[1:]] == ds.shapes.class_names
-    res = eval_seg.evaluate_segmentation(model, tok, ds, dense="maskclip", progress=False)
-    # By name, as train.py calls it: the same images (the val split is deterministic) -> same numbers.
-    by_name = eval_seg.evaluate_segmentation(model, tok, "shapes", dense="maskclip", image_size=32, max_images=3,
-                                             device="cpu", progress=False)
-    assert by_name["miou"] == res["miou"] and by_name["dataset"] == "shapes-val"
-    assert res["settings"]["crop"] == 0 and res["settings"]["templates"] == "shapes"
-    # whole image at its native size = one window covering it, no resize, background by its prompts
-    miou, fg, acc = naive_segmentation(model, tok, ds, get_templates("shapes"), short_side=32,
-                                       crop=32, stride=32, logit_scale=40.0, prob_thresh=0.0)
-    assert res["miou"] == pytest.approx(miou, abs=1e-3) and res["fg_miou"] == pytest.approx(fg, abs=1e-3)
-    assert res["pixel_acc"] == pytest.approx(acc, abs=1e-3)
+    s8, s9 = ShapesSegmentation(split="val", size=32, length=3), ShapesSegmentation(split="val", size=32, length=3,
+                                                                                    background="class")
+    assert s8.background_index is None and [c[0] for c in s8.class_names] == s8.shapes.class_names
+    assert s9.background_index == 0 and s9.class_names[0][:2] == ["background", "plain background"]
+    raw = s9.shapes[1]["mask"]
+    assert torch.equal(s8[1]["mask"], torch.where(raw == 0, 255, raw - 1)) and torch.equal(s9[1]["mask"], raw)
+    for ds in (s8, s9):
+        res = eval_seg.evaluate_segmentation(model, tok, ds, dense="maskclip", progress=False)
+        # By name, as train.py calls it: the same images (the val split is deterministic) -> same numbers.
+        name = ds.name.split("-")[0]
+        by_name = eval_seg.evaluate_segmentation(model, tok, name, dense="maskclip", image_size=32, max_images=3,
+                                                 device="cpu", progress=False)
+        assert by_name["miou"] == res["miou"] and by_name["dataset"] == f"{name}-val"
+        assert res["settings"]["crop"] == 0 and res["settings"]["templates"] == "shapes"
+        assert res["settings"]["bg_prompts"] is (ds.background_index is not None)
+        # whole image at its native size = one window covering it, no resize
+        miou, fg, acc = naive_segmentation(model, tok, ds, get_templates("shapes"), short_side=32,
+                                           crop=32, stride=32, logit_scale=40.0, prob_thresh=0.0)
+        assert res["miou"] == pytest.approx(miou, abs=1e-3) and res["pixel_acc"] == pytest.approx(acc, abs=1e-3)
+        if ds.background_index is not None:
+            assert res["fg_miou"] == pytest.approx(fg, abs=1e-3)
 
 
 def test_checkpoint_round_trip_and_cli(tmp_path):

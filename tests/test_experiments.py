@@ -154,17 +154,17 @@ def test_batch_size_of_and_extra_checks():
 
 
 def test_markdown_table_cells():
-    summary = ablate.summarize({"clip": [{"miou_naive": 10.0}, {"miou_naive": 14.0}]}, keys=("miou_naive",))
-    md = ablate.markdown_table(summary, keys=("miou_naive",), steps={"clip": 100})
+    summary = ablate.summarize({"clip": [{"shapes8_naive": 10.0}, {"shapes8_naive": 14.0}]}, keys=("shapes8_naive",))
+    md = ablate.markdown_table(summary, keys=("shapes8_naive",), steps={"clip": 100})
     lines = md.splitlines()
-    assert lines[0] == "| method | steps | seeds | mIoU naive |"
+    assert lines[0] == "| method | steps | seeds | shapes8 naive |"
     std = math.sqrt(8.0)                                      # (2^2 + 2^2) / (2 - 1)
     assert lines[2] == f"| clip | 100 | 2 | 12.0 ± {std:.1f} [10.0–14.0] |"
 
 
 def test_chart_draws_bar_and_whisker():
-    summary = {"clip": {"miou_naive": {"mean": 50.0, "std": 1.0, "min": 40.0, "max": 60.0, "n": 3}}}
-    img = ablate.draw_chart(summary, None, keys=("miou_naive",))
+    summary = {"clip": {"shapes8_naive": {"mean": 50.0, "std": 1.0, "min": 40.0, "max": 60.0, "n": 3}}}
+    img = ablate.draw_chart(summary, None, keys=("shapes8_naive",))
     # layout (see draw_chart): y axis 0..70 (60 * 1.05 rounded up to 10), plot from y=60 to 360;
     # one group 120 px wide from x=50, its one 18-px bar centred: x = 50 + (120 - 22) // 2 = 99 to 117,
     # the whisker at x=108
@@ -189,12 +189,12 @@ def _fake_run(root, label, seed, metrics, sps):
 def test_report_from_existing_runs(tmp_path):
     root = str(tmp_path)
     for seed, (mi, acc) in enumerate([(10.0, 0.5), (12.0, 0.7)]):
-        _fake_run(root, "clip", seed, {"miou_naive": mi, "zeroshot_acc": acc}, [128.0])
-        _fake_run(root, "silc", seed, {"miou_naive": mi + 5, "zeroshot_acc": acc}, [64.0])
+        _fake_run(root, "clip", seed, {"shapes8_naive": mi, "zeroshot_acc": acc}, [128.0])
+        _fake_run(root, "silc", seed, {"shapes8_naive": mi + 5, "zeroshot_acc": acc}, [64.0])
     summary = ablate.main(["--report_only", "--methods=clip,silc", "--seeds=0,1", f"--out_root={root}",
                            "--steps=10", "--equal_time"])
-    assert summary["clip"]["miou_naive"]["mean"] == pytest.approx(11.0)
-    assert summary["silc"]["miou_naive"]["min"] == pytest.approx(15.0)
+    assert summary["clip"]["shapes8_naive"]["mean"] == pytest.approx(11.0)
+    assert summary["silc"]["shapes8_naive"]["min"] == pytest.approx(15.0)
     assert summary["clip"]["zeroshot_acc"]["mean"] == pytest.approx(60.0)      # in percent
     # s/step = batch_size / samples_per_s, with train.py's default batch size
     assert summary["clip"]["sec_per_step"]["mean"] == pytest.approx(train.Config().batch_size / 128.0)
@@ -208,19 +208,21 @@ def test_report_from_existing_runs(tmp_path):
 
 def test_probe_results_are_read_and_missing_probes_listed(tmp_path):
     root = str(tmp_path)
-    for seed, fg in enumerate([4.0, 6.0]):
-        _fake_run(root, "silc", seed, {"miou_naive": 1.0}, [64.0])
+    for seed in range(2):
+        _fake_run(root, "silc", seed, {"shapes8_naive": 1.0, "teacher_zeroshot_acc": 0.5}, [64.0])
         out = ablate.run_dir(root, "silc", seed)
         with open(os.path.join(out, "probe_naive.json"), "w") as f:
-            json.dump({"miou": 20.0 + seed, "fg_miou": fg}, f)
-        # naive done, maskclip missing: one probe.py command left, for the maskclip features
+            json.dump({"miou": 20.0 + seed}, f)
+        # naive done; maskclip and the teacher's (the run has a teacher) missing: two probe.py commands
         cmds = ablate.probe_commands(out)
-        assert len(cmds) == 1 and cmds[0][1:3] == ["-m", "experiments.probe"] and "--dense=maskclip" in cmds[0]
+        assert len(cmds) == 2 and all(c[1:3] == ["-m", "experiments.probe"] for c in cmds)
+        assert "--dense=maskclip" in cmds[0] and "--teacher" in cmds[1] and "--dense=naive" in cmds[1]
         assert f"--ckpt={os.path.join(out, 'ckpt.pt')}" in cmds[0]
+    _fake_run(root, "clip", 0, {"shapes8_naive": 1.0}, [64.0])                 # no teacher: no teacher probe
+    assert all("--teacher" not in c for c in ablate.probe_commands(ablate.run_dir(root, "clip", 0)))
     summary = ablate.main(["--report_only", "--methods=silc", "--seeds=0,1", f"--out_root={root}", "--steps=10"])
-    assert summary["silc"]["probe_miou_naive"]["mean"] == pytest.approx(20.5)
-    assert summary["silc"]["probe_fg_miou_naive"]["min"] == pytest.approx(4.0)
-    assert summary["silc"]["probe_miou_maskclip"]["n"] == 0
+    assert summary["silc"]["probe_naive"]["mean"] == pytest.approx(20.5)
+    assert summary["silc"]["probe_maskclip"]["n"] == 0
     with open(os.path.join(root, "ablation.md")) as f:
         md = f.read()
     assert "Dense linear probe" in md and "20.5 ± 0.7 [20.0–21.0]" in md
@@ -385,12 +387,41 @@ def test_cli_fits_on_tune_and_scores_val(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "fit_probe", lambda f, *a, **k: fitted.append(source[id(f)]) or real_fit(f, *a, **k))
     monkeypatch.setattr(probe, "probe_predict", lambda f, *a, **k: predicted.append(source[id(f)]) or real_predict(f, *a, **k))
     results = probe.main(["--ckpt", str(path), "--max_images", "10", "--wd", "1e-3"])
-    assert fitted == ["shapes-tune"] and predicted == ["shapes-val"]
-    r = json.loads((tmp_path / "probe_naive_tune-val_wd0.001_n10.json").read_text())
+    assert fitted == ["shapes8-tune"] and predicted == ["shapes8-val"]
+    r = json.loads((tmp_path / "probe_naive_shapes8_tune-val_wd0.001_n10.json").read_text())
     assert r["miou"] == results[str(path)]["miou"] and r["num_fit"] == 10 and r["num_eval"] == 10
-    assert r["class_names"][0] == "background" and len(r["iou"]) == 9 and r["wd"] == 1e-3
+    assert r["class_names"][0] == "circle" and len(r["iou"]) == 8 and r["wd"] == 1e-3   # background ignored
+    probe.main(["--ckpt", str(path), "--max_images", "10", "--wd", "1e-3", "--dataset", "shapes9"])
+    r9 = json.loads((tmp_path / "probe_naive_shapes9_tune-val_wd0.001_n10.json").read_text())
+    assert r9["class_names"][0] == "background" and len(r9["iou"]) == 9
     for bad in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(tmp_path)],
                 ["--ckpt", str(path), "--eval_split", "tune"], ["--ckpt", str(path), "--wd", "-1"],
                 ["--ckpt", str(path), "--max_images", "0"]):
         with pytest.raises(SystemExit):
             probe.main(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# shortcut.py: the local-crop-to-own-image shortcut
+# ---------------------------------------------------------------------------------------------
+def test_shortcut_statistics_by_hand_and_a_world_that_gives_itself_away():
+    """The nine statistics of a view, by hand on a 2 x 2 image; the matcher finds every crop's own image
+    when crops repeat their image's statistics (the extreme shortcut), and gets 1 / N right when every
+    crop's statistics are those of one fixed image; measure() on the real views reports a fraction."""
+    from data import normalize
+    from experiments import shortcut
+    px = torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]]])  # [3, 2, 2]
+    st = shortcut.view_statistics(normalize(px)[None])[0]
+    assert st[:3].tolist() == pytest.approx([0.5, 0.25, 0.25], abs=1e-6)
+    assert st[3].item() == pytest.approx(px[0].flatten().std().item(), abs=1e-6)
+    assert st[6].item() == pytest.approx(0.25, abs=1e-6)                       # saturation: 1, 0, 0, 0
+    luma = (px * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    grad = (luma[1:] - luma[:-1]).abs().mean() + (luma[:, 1:] - luma[:, :-1]).abs().mean()
+    assert st[7].item() == pytest.approx(grad.item(), abs=1e-6) and st[8].item() == pytest.approx(0.25)
+    g = torch.randn(10, 9, generator=torch.Generator().manual_seed(0))
+    owner = torch.arange(10).repeat(3)                                          # 3 crops per image
+    assert shortcut.match_top1(g, g[owner] + 0.01, owner) == 1.0
+    assert shortcut.match_top1(g, g[torch.zeros(30, dtype=torch.long)], owner) == pytest.approx(0.1)
+    r = shortcut.measure(train.resolve_method_defaults(train.parse_args(["--method=silc", "--n_local_crops=2"])),
+                         n_images=16)
+    assert 0 <= r["top1"] <= 1 and r["chance"] == 1 / 16 and r["n_local"] == 32

@@ -130,6 +130,25 @@ def test_captions_name_exactly_the_shapes_in_the_mask():
     assert {tuple(shapes.COLOUR_RGB[shapes.COLOUR_NAMES.index(c)].tolist()) for c in named} <= rgb
 
 
+def test_patchwork_backdrop_is_cells_of_desaturated_tints_and_names_itself():
+    """backdrop="patchwork": the background is 6-12 regions (Voronoi cells), each desaturated like the
+    uniform backdrops (within 25 of a grey level per channel, up to the noise), the objects unchanged in
+    kind; the caption's background word, when there is one, is "patchwork"."""
+    pat = ShapesDataset("val", cache=False, backdrop="patchwork")
+    for i in range(20):
+        bg = pat.background(i).float()                                       # [3, H, W]
+        spread = (bg.max(0).values - bg.min(0).values)                         # per-pixel channel spread
+        assert spread.median() <= 50 + 1e-6
+        caption = pat.generate(i)["caption"]
+        assert "background" not in caption or "patchwork background" in caption
+        assert not any(f"{k} background" in caption for k in ("plain", "gradient", "noisy", "striped"))
+    # several regions: the mean tint of the image's quarters differs, unlike a plain backdrop
+    quarters = [pat.background(0)[:, y:y + 32, x:x + 32].float().mean((1, 2)) for y in (0, 32) for x in (0, 32)]
+    assert max((q - quarters[0]).abs().max() for q in quarters) > 5
+    with pytest.raises(ValueError, match="backdrop"):
+        ShapesDataset("val", backdrop="wallpaper")
+
+
 def test_single_object_splits_balanced_with_labels():
     ds = ShapesDataset("val_single", length=80)
     K = len(shapes.SHAPE_NAMES)

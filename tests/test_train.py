@@ -552,3 +552,97 @@ def test_a_checkpoint_write_killed_at_any_moment_leaves_a_loadable_checkpoint(tm
         assert (ckpt["w"] == ckpt["step"]).all() and ckpt["w"].numel() == 6_000_000
         seen.add(ckpt["step"])
     assert len(seen) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss balance and the controls
+# ---------------------------------------------------------------------------------------------
+def test_per_tensor_clipping_as_dino_and_objective_gradient_norms():
+    """--grad_clip_mode=tensor clips each gradient tensor to norm <= grad_clip on its own (DINO's
+    utils.clip_gradients): by hand, g * min(1, c / |g|). log_grad_norms: each weighted objective's
+    gradient norm on the image tower equals a separate backward of that objective alone."""
+    import copy
+    cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup("--method=silc", "--n_local_crops=2",
+                                                                       "--grad_clip=0.05", "--grad_clip_mode=tensor")
+    batches = loader_batches(cfg, clip_cfg, tok, dataset, collate_fn, 0, 1, 0, 1, 8)
+    model, t = copy.deepcopy(pt), copy.deepcopy(teacher)
+    train.accumulate_gradients(model, model, t, batches, 0, cfg)
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    captured = {}
+    opt.register_step_pre_hook(lambda o, a, k: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                                                   if p.grad is not None}))
+    train.apply_update(model, opt, cfg, 0)
+    for n, g in before.items():
+        torch.testing.assert_close(captured[n], g * min(1.0, 0.05 / (g.norm().item() + 1e-12)), rtol=1e-5, atol=1e-9)
+    assert sum(g.norm() > 0.05 for g in before.values()) > 3                      # some tensors were clipped
+    # per-objective gradient norms against one backward per objective
+    cfg.log_grad_norms, cfg.log_interval = True, 1
+    model = copy.deepcopy(pt)
+    terms = train.accumulate_gradients(model, model, copy.deepcopy(teacher), batches, 0, cfg)
+    visual = [p for p in model.clip.visual.parameters() if p.requires_grad]
+    for name in ("contrastive", "sd"):
+        m2 = copy.deepcopy(pt)
+        out = m2(batches[0], train.teacher_forward(copy.deepcopy(teacher), batches[0], True, False), 0.04)
+        (m2.weights[name] * out[name]).backward()
+        want = torch.cat([p.grad.flatten() for p in m2.clip.visual.parameters() if p.requires_grad and p.grad is not None]).norm()
+        assert terms[f"gnorm_{name}"].item() == pytest.approx(want.item(), rel=1e-4), name
+    assert -1 <= terms["gcos_sd"].item() <= 1 and len(visual) > 10
+
+
+def test_clip_views_control_and_patch_loss_on_all_tokens():
+    """clip+views (--method=silc --sd_weight=0): SILC's two global views in the contrastive loss, no
+    teacher, no head. --patch_loss=all (TIPSv2): the masked-distillation loss scores every patch."""
+    cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup("--method=silc", "--sd_weight=0")
+    assert not pt.use_sd and teacher is None and not hasattr(pt, "head")
+    (batch,) = loader_batches(cfg, clip_cfg, tok, dataset, collate_fn, 0, 1, 0, 1, 8)
+    assert batch["global_crops"].shape[0] == 2
+    out = pt(batch)
+    g = batch["global_crops"]
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(pt.clip.text(batch["tokens"])[0], dim=-1)
+        want = sum(train.clip_loss(torch.nn.functional.normalize(pt.clip.visual(g[v])[0], dim=-1), txt,
+                                   pt.clip.logit_scale.exp()) for v in range(2)) / 2
+    assert set(out) == {"contrastive", "loss"} and out["contrastive"].item() == pytest.approx(want.item(), rel=1e-6)
+    from ema import teacher_forward
+    for mode in ("masked", "all"):
+        cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup("--method=maskclip", f"--patch_loss={mode}",
+                                                                           "--mlm_weight=0")
+        (batch,) = loader_batches(cfg, clip_cfg, tok, dataset, collate_fn, 0, 1, 0, 1, 4)
+        t_out = teacher_forward(teacher, batch, False, True)
+        got = pt.masked_loss(batch, t_out, 0.04)
+        # independent: the decoder's prediction through the patch head, soft cross-entropy per patch
+        mask = batch["patch_mask"]
+        _, tok_m = pt.clip.visual(batch["images"], mask=mask, mask_mode="drop")
+        s = pt.patch_head(pt.decoder(tok_m, mask, pt.clip.visual))
+        p_t = torch.softmax((t_out["patch"] - pt.mask_loss.center) / 0.04, -1)
+        ce = -(p_t * torch.log_softmax(s / 0.1, -1)).sum(-1)                       # [b, N]
+        want = ce[mask].mean() if mode == "masked" else ce.mean()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5), mode
+
+
+def test_the_teacher_is_evaluated_and_checkpoints_carry_their_tokenizer(tmp_path):
+    """A self-distillation run's metrics.json has the EMA teacher's measures beside the student's (the
+    teacher's image tower with the student's text tower), the shapes8 headline for every readout and
+    the chance level; the checkpoint records its word-level tokenizer, so eval_seg and probe rebuild it,
+    and teacher=True loads the teacher's image tower."""
+    from data import WordTokenizer
+    from loaders.pretrained import load_model_from_checkpoint
+    run_train(tmp_path / "run", "--method=silc", "--steps=2", "--batch_size=8", "--n_local_crops=2", "--eval=True",
+              "--eval_samples=16", "--image_size=32")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for who in ("", "teacher_"):
+        for k in ("zeroshot_acc", "i2t_r1", "shapes8_naive", "shapes8_sclip", "shapes8_best", "shapes9_clearclip"):
+            assert who + k in m, who + k
+    assert m["shapes8_best"] == max(m[f"shapes8_{d}"] for d in ("naive", "maskclip", "sclip", "clearclip"))
+    assert 0 < m["shapes8_chance"] < 100 / 8
+    ckpt = read_params(tmp_path / "run")
+    assert ckpt["tokenizer"]["kind"] == "word"
+    student, tok = load_model_from_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    teacher, _ = load_model_from_checkpoint(str(tmp_path / "run" / "ckpt.pt"), teacher=True)
+    assert isinstance(tok, WordTokenizer) and tok.words == ckpt["tokenizer"]["words"]
+    assert torch.equal(teacher.visual.blocks[0].attn.in_proj.weight, ckpt["teacher"]["visual.blocks.0.attn.in_proj.weight"])
+    assert torch.equal(teacher.text.proj.weight, student.text.proj.weight)
+    assert not torch.equal(teacher.visual.proj.weight, student.visual.proj.weight)      # 2 EMA steps apart
+    assert (tmp_path / "run" / "seg" / "seg_shapes8_naive" / "seg_grid.png").exists()
+    assert (tmp_path / "run" / "teacher_seg" / "seg_shapes8_sclip" / "seg_metrics.json").exists()
