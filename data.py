@@ -54,8 +54,12 @@ embedded shapes world (loaders/shapes.py), open_clip's csv files or webdataset t
    permutations of the dataset (`StepSampler`), and every sample seeds its own augmentation from
    (seed, epoch, index) (`SeededSample`). So a run is reproducible, resumable at any step, and the
    same on 1 or N processes.
+
+6. Evaluation. No randomness: `CenterView` is the one evaluation view (the centred square, resized),
+   and `EvalBatches` reads every sample of an evaluation set once, in order, counting what it skips.
 """
 
+import functools
 import math
 import random
 import re
@@ -451,6 +455,24 @@ class MultiCrop:
         return out
 
 
+class CenterView:
+    """The evaluation view, with no randomness: the largest centred square of the image, resized to
+    size x size, normalised. This is open_clip's val transform (resize the short side, centre crop),
+    resampled like the training crops (antialiased bilinear; open_clip's is bicubic).
+    __call__(sample) -> the sample with image = float [3, size, size]."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, sample: dict) -> dict:
+        img = sample["image"]
+        img = img.float() / 255.0 if img.dtype == torch.uint8 else img   # [3, H, W] in [0, 1]
+        H, W = img.shape[-2:]
+        side = min(H, W)
+        box = ((H - side) // 2, (W - side) // 2, side, side)
+        return {**sample, "image": normalize(resized_crop(img, box, self.size))}
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Batching
 # ------------------------------------------------------------------------------------------------
@@ -458,7 +480,7 @@ def collate(samples: list, tokenizer=None) -> dict | None:
     """Samples -> batch dict. None samples (skipped) are dropped; an all-None batch gives None.
 
     images [B, 3, S, S] float (global view 0, or the plain image normalised if it is still uint8),
-    tokens [B, L] long, captions list[str], masks [B, H, W] (when every sample has one),
+    tokens [B, L] long and captions list[str] (when every sample has a caption), masks [B, H, W] and
     labels [B] (when every sample has one), global_crops [G, B, 3, S, S] and local_crops
     [n, B, 3, s, s] (when multi-crop is on: grouped by resolution, one encoder forward each).
     """
@@ -483,17 +505,22 @@ def collate(samples: list, tokenizer=None) -> dict | None:
             raise ValueError(f"images of different sizes in one batch {sorted(sizes)}: give the dataset a "
                              f"transform (data.MultiCrop) that outputs one size")
         batch["images"] = torch.stack(images)                           # [B, 3, S, S]
-    batch["captions"] = [s["caption"] for s in samples]
-    batch["tokens"] = tokenizer(batch["captions"])                      # [B, L]
+    if all("caption" in s for s in samples):                           # (classification data has none)
+        batch["captions"] = [s["caption"] for s in samples]
+        batch["tokens"] = tokenizer(batch["captions"])                  # [B, L]
     if all(s.get("mask") is not None for s in samples):
         batch["masks"] = torch.stack([s["mask"] for s in samples])      # [B, H, W]
     if all("label" in s for s in samples):
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)  # [B]
-    # Skips are counted in the process that reads the data (a DataLoader worker, or the main
-    # process: id -1); the batch carries that process's running count to the training loop's log.
-    info = torch.utils.data.get_worker_info()
-    batch["skipped"] = (info.id if info is not None else -1, sum(SKIPPED.values()))
+    batch["skipped"] = skip_count()
     return batch
+
+
+def skip_count() -> tuple:
+    """(reader id, its running count of skipped samples). Skips are counted in the process that reads
+    the data (a DataLoader worker, or the main process: id -1); batches carry this to the loop's log."""
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else -1, sum(SKIPPED.values())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,3 +590,61 @@ def make_loader(dataset, collate_fn, batch_size, world, rank, accum, seed, start
     return torch.utils.data.DataLoader(SeededSample(dataset, seed), batch_sampler=sampler, collate_fn=collate_fn,
                                        num_workers=num_workers, persistent_workers=num_workers > 0,
                                        prefetch_factor=4 if num_workers > 0 else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Evaluation order: every sample once, in order, and the count of what was skipped
+# ------------------------------------------------------------------------------------------------
+def _fresh_skip_count(worker_id):
+    """DataLoader worker_init_fn: a forked worker inherits its parent's skip count; start it at 0."""
+    SKIPPED.clear()
+
+
+def _eval_collate(samples, tokenizer):
+    """(the batch or None, its reader's skip count): the count arrives even when the whole batch was skipped."""
+    return collate(samples, tokenizer), skip_count()
+
+
+class _ThenNone(torch.utils.data.IterableDataset):
+    """An iterable dataset followed by one None: the last batch is then collated after the stream has
+    ended, so its skip count includes the samples skipped after the last good one."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        yield from self.dataset
+        yield None
+
+
+class EvalBatches:
+    """Every sample of an evaluation set once, in its order, batch_size at a time (collate: unreadable
+    samples come as None and are dropped), read by num_workers DataLoader workers. After a full pass,
+    .skipped is the number of samples skipped in it, summed over the workers.
+    A map-style dataset (csv, class folders) keeps its order and batches with any number of workers;
+    an iterable one (tar shards) is read by at most ONE worker, since several would each make their own
+    batches, and the batches (hence the val loss) would then depend on the worker count."""
+
+    def __init__(self, dataset, batch_size: int, tokenizer=None, num_workers: int = 0):
+        self.dataset, self.batch_size, self.tokenizer, self.num_workers = dataset, batch_size, tokenizer, num_workers
+        self.skipped = 0
+
+    def __iter__(self):
+        iterable = isinstance(self.dataset, torch.utils.data.IterableDataset)
+        workers = min(self.num_workers, 1) if iterable else self.num_workers
+        loader = torch.utils.data.DataLoader(
+            _ThenNone(self.dataset) if iterable else self.dataset, batch_size=self.batch_size, shuffle=False,
+            num_workers=workers,
+            collate_fn=functools.partial(_eval_collate, tokenizer=self.tokenizer),
+            worker_init_fn=_fresh_skip_count)
+        saved, counts = Counter(SKIPPED), {}                 # counts: reader id -> its running count
+        try:
+            for batch, (reader, count) in loader:
+                counts[reader] = count
+                if batch is not None:                         # (None: every sample of it was skipped)
+                    batch.pop("skipped")
+                    yield batch
+        finally:                                              # read in this process: the training log's
+            SKIPPED.clear()                                   # count stays the training data's own
+            SKIPPED.update(saved)
+        self.skipped = sum(c - (sum(saved.values()) if r == -1 else 0) for r, c in counts.items())

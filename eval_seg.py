@@ -42,22 +42,28 @@ IoU_c = TP_c / (TP_c + FP_c + FN_c), mIoU = mean over the classes with a non-zer
 accuracy = trace / total. fg-mIoU (mean over the foreground classes only) when there is a background.
 Results are reported in PERCENT, like the papers.
 
-The shapes world also gets the image-level zero-shot measures (`shapes_metrics`, what train.py
-logs): image<->text retrieval R@k on its val split and zero-shot classification of single-object
-images, with the same text classifier.
+Image-level measures, with the same text classifier: zero-shot classification (top-1 / top-5 on a
+class-folder tree such as ImageNet's val set, as open_clip's --imagenet-val) and image<->text
+retrieval (R@1/5/10 both ways and the contrastive val loss on held-out pairs, as open_clip's
+--val-data), on real data (`real_data_metrics`) and on the shapes world (`shapes_metrics`): what
+train.py logs during training. And the pictures: segmentation grids, PCA maps, training curves.
 
-The benchmark readers, layouts and class names are in loaders/segmentation.py, the prompt templates
+The benchmark readers, layouts and class names are in loaders/segmentation.py (class folders:
+loaders/classification.py, image-text pairs: loaders/imagetext.py), the prompt templates
 in loaders/templates.py; loaders/pretrained.py reads checkpoints.
 
 Run:
     python eval_seg.py --ckpt out/ckpt.pt                                 # shapes val split
     python eval_seg.py --ckpt out/ckpt.pt --dataset voc20 --root /data/VOCdevkit --dense maskclip
-Writes <out_dir>/seg_metrics.json, seg_grid.png (image | ground truth | prediction) and
+    python eval_seg.py --ckpt out/ckpt.pt --task classify --root /data/imagenet/val --classnames names.txt
+    python eval_seg.py --ckpt out/ckpt.pt --task retrieval --root /data/cc3m/val.csv
+Segmentation writes <out_dir>/seg_metrics.json, seg_grid.png (image | ground truth | prediction) and
 seg_pca_XXX.png (the first 3 principal components of the patch features as RGB: semantic features
 paint each object in one colour).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -70,13 +76,27 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from clip import autocast_for, pick_device, trim_padding
-from data import collate, normalize
+from data import CenterView, EvalBatches, collate, normalize
+from loaders.classification import ClassFolderDataset
+from loaders.imagetext import build_eval_dataset
 from loaders.pretrained import checkpoint_config, load_model_from_checkpoint
 from loaders.segmentation import DATASETS, IGNORE_INDEX, dataset_defaults, load_dataset
 from loaders.shapes import SHAPES_TEMPLATES, ShapesDataset, world_from_config
 from loaders.templates import get_templates
 
 DENSE_MODES = ("naive", "maskclip", "sclip", "clearclip")
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """model.eval() inside the block, its own train/eval mode restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 
 # -----------------------------------------------------------------------------------------------
 # Text classifier
@@ -477,6 +497,111 @@ def save_pca_picture(image, features, path, panel_height=192):
     canvas.save(path)
 
 
+# Training curves (train.py draws them from its log.jsonl at every evaluation; experiments/curves.py
+# overlays several runs): one panel per quantity, step on x, every run in its own colour.
+CURVE_KEYS = (
+    "contrastive", "sd", "dist", "mlm", "lr",                            # training records (every log_interval)
+    "zeroshot_top1", "zeroshot_top5", "val_i2t_r1", "val_t2i_r1", "val_contrastive",   # real-data evaluation
+    "zeroshot_acc", "i2t_r1", "t2i_r1", "val_loss", "shapes8_best",      # the shapes evaluation
+    "teacher_zeroshot_top1", "teacher_zeroshot_acc", "teacher_shapes8_best",
+)
+
+
+def _number(v):
+    """A finite float, or None (missing, None, NaN, a string)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def draw_curves(runs, path=None, keys=CURVE_KEYS, panel_w=300, panel_h=170, columns=3):
+    """runs: {label: [log.jsonl records]} -> (PIL image, points). One panel per key of `keys` that some
+    record holds (training terms and evaluation metrics alike: a record is plotted where it has the
+    key), all panels on one step axis [0, last step]; each panel's y axis spans its values (5% margin),
+    labelled with their minimum and maximum.
+    Each run is a line with a 5 x 5 square marker at every point, so a single evaluation still shows.
+    points: {key: {label: [(step, value, x, y)]}}, the pixel centre of each marker, for tests and
+    for reading values back. Written to `path` (PNG) if given."""
+    series = {}                                                   # key -> label -> [(step, value)]
+    for key in keys:
+        for label, records in runs.items():
+            pts = [(r["step"], _number(r.get(key))) for r in records if "step" in r]
+            pts = [(t, v) for t, v in pts if v is not None]
+            if pts:
+                series.setdefault(key, {})[label] = pts
+    if not series:
+        raise ValueError(f"no record holds any of {list(keys)}: nothing to draw")
+    last_step = max(t for per_run in series.values() for pts in per_run.values() for t, _ in pts) or 1
+    colours = {label: DISTINCT_COLOURS[i % len(DISTINCT_COLOURS)] for i, label in enumerate(runs)}
+    font = ImageFont.load_default()
+    legend_h, gap = 22, 8
+    rows = math.ceil(len(series) / columns)
+    img = Image.new("RGB", (columns * (panel_w + gap) + gap, legend_h + rows * (panel_h + gap) + gap), "white")
+    d = ImageDraw.Draw(img)
+    x = gap
+    for label, colour in colours.items():                         # legend: one entry per run
+        d.rectangle([x, 6, x + 10, 16], fill=colour)
+        d.text((x + 14, 6), label, fill="black", font=font)
+        x += 24 + int(d.textlength(label, font=font))
+    left, right, top, bottom = 54, 10, 18, 18                     # plot area inside a panel
+    points = {}
+    for i, (key, per_run) in enumerate(series.items()):
+        px = gap + (i % columns) * (panel_w + gap)
+        py = legend_h + gap + (i // columns) * (panel_h + gap)
+        x0, x1, y0, y1 = px + left, px + panel_w - right, py + top, py + panel_h - bottom
+        values = [v for pts in per_run.values() for _, v in pts]
+        v_min, v_max = min(values), max(values)
+        pad = 0.05 * (v_max - v_min) if v_max > v_min else 0.5 * abs(v_max) or 0.5
+        lo, hi = v_min - pad, v_max + pad
+
+        def to_px(t, v):
+            return x0 + (x1 - x0) * t / last_step, y0 + (y1 - y0) * (hi - v) / (hi - lo)
+
+        d.rectangle([x0, y0, x1, y1], outline=(170, 170, 170))
+        last = "" if len(per_run) > 1 else f"   last {next(iter(per_run.values()))[-1][1]:.4g}"
+        d.text((px + 4, py + 2), key + last, fill="black", font=font)
+        for v in {v_max, v_min}:                                  # the values' range and the steps', as numbers
+            d.text((x0 - 4, to_px(0, v)[1]), f"{v:.3g}", fill=(90, 90, 90), font=font, anchor="rm")
+        d.text((x0, y1 + 3), "0", fill=(90, 90, 90), font=font)
+        d.text((x1, y1 + 3), f"step {last_step}", fill=(90, 90, 90), font=font, anchor="ra")
+        points[key] = {}
+        for label, pts in per_run.items():
+            xy = [to_px(t, v) for t, v in pts]
+            if len(xy) > 1:
+                d.line(xy, fill=colours[label], width=1)
+            for cx, cy in xy:
+                d.rectangle([round(cx) - 2, round(cy) - 2, round(cx) + 2, round(cy) + 2], fill=colours[label])
+            points[key][label] = [(t, v, cx, cy) for (t, v), (cx, cy) in zip(pts, xy)]
+    if path:
+        img.save(path)
+    return img, points
+
+
+def read_jsonl(path):
+    """The records of a log.jsonl, in order (a line cut short by a killed run is left out)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def save_curves(log_paths, out_path, labels=None):
+    """Draw the log.jsonl files (labels: one per log; default: each log's folder name) into out_path,
+    atomically: written beside it, then renamed over it, so a reader never sees half a PNG."""
+    labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in log_paths]
+    if len(labels) != len(log_paths):
+        raise ValueError(f"{len(labels)} labels for {len(log_paths)} logs")
+    if len(set(labels)) < len(labels):                       # two runs in folders of the same name
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    img, points = draw_curves({label: read_jsonl(p) for label, p in zip(labels, log_paths)})
+    tmp = out_path + ".tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, out_path)
+    return points
+
+
 # -----------------------------------------------------------------------------------------------
 # The evaluation loop
 # -----------------------------------------------------------------------------------------------
@@ -574,28 +699,26 @@ def evaluate_segmentation(model, tokenizer, dataset="shapes8", dense="naive", te
                                  prob_thresh=prob_thresh, short_side=short_side, crop=crop, stride=stride)
     settings.update(dense=dense, dataset=dataset.name, batch_size=batch_size)
     C, bg = len(dataset.class_names), dataset.background_index
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device if device is None else torch.device(device)
-    text = text_queries(model, tokenizer, dataset, settings, device)        # (weights [Q, E], query_class [Q])
     conf = ConfusionMatrix(C)
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     pictures = []
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    bar = tqdm(total=n, desc=f"seg {dataset.name} ({dense})", disable=not progress)
-    for group in same_size_groups(dataset, n, batch_size):
-        raw, truth, images, pred = segment_group(model, group, text, settings, C, bg, device)
-        conf.update(pred, truth)
-        for j in range(min(len(group), n_pictures - len(pictures)) if out_dir is not None else 0):
-            shown = pred[j] if bg is not None else torch.where(truth[j] == IGNORE_INDEX, IGNORE_INDEX, pred[j])
-            pictures.append((raw[j], truth[j].numpy(), shown.numpy()))    # (ignored pixels are not shown)
-            save_pca_picture(raw[j], _whole_image_features(model, images[j:j + 1], dense),
-                             os.path.join(out_dir, f"seg_pca_{len(pictures) - 1:03d}.png"))
-        bar.update(len(group))
-    bar.close()
-    model.train(was_training)
+    with evaluation_mode(model):
+        text = text_queries(model, tokenizer, dataset, settings, device)    # (weights [Q, E], query_class [Q])
+        bar = tqdm(total=n, desc=f"seg {dataset.name} ({dense})", disable=not progress)
+        for group in same_size_groups(dataset, n, batch_size):
+            raw, truth, images, pred = segment_group(model, group, text, settings, C, bg, device)
+            conf.update(pred, truth)
+            for j in range(min(len(group), n_pictures - len(pictures)) if out_dir is not None else 0):
+                shown = pred[j] if bg is not None else torch.where(truth[j] == IGNORE_INDEX, IGNORE_INDEX, pred[j])
+                pictures.append((raw[j], truth[j].numpy(), shown.numpy()))    # (ignored pixels are not shown)
+                save_pca_picture(raw[j], _whole_image_features(model, images[j:j + 1], dense),
+                                 os.path.join(out_dir, f"seg_pca_{len(pictures) - 1:03d}.png"))
+            bar.update(len(group))
+        bar.close()
     m = miou_from_confusion(conf.counts, bg)
     display = display_names(dataset.class_names, bg)
     result = {"dataset": dataset.name, "num_images": n, "miou": to_percent(m["miou"]),
@@ -620,78 +743,160 @@ def _whole_image_features(model, images, dense):
 
 
 # -----------------------------------------------------------------------------------------------
-# The shapes world: retrieval and zero-shot classification, what train.py logs
+# Image-level measures: zero-shot classification and image-text retrieval (real data and shapes)
 # -----------------------------------------------------------------------------------------------
-def recall_at_k(sim, match, ks=(1, 5)):
-    """R@k: the fraction of queries that find a correct candidate among their k most similar ones.
-
-    sim: [Q, C] similarities; match: [Q, C] bool, True where candidate c is a correct answer for
-    query q (shapes captions repeat, "two circles", so every candidate with the same caption counts).
-    A query's rank is the number of WRONG candidates at least as similar as its best correct one:
-    ties count against the query, so a model that scores everything alike gets no credit."""
+def match_ranks(sim, match):
+    """sim [Q, C] similarities, match [Q, C] bool (True where candidate c is a correct answer for
+    query q) -> long [Q]: each query's rank, the number of WRONG candidates at least as similar as its
+    best correct one. Ties count against the query, so a model that scores everything alike gets no
+    credit (open_clip's argsort breaks exact ties arbitrarily instead; otherwise the same rank)."""
     best = torch.where(match, sim, float("-inf")).max(dim=1).values           # [Q]
-    rank = ((sim >= best[:, None]) & ~match).sum(dim=1)                         # [Q]
+    return ((sim >= best[:, None]) & ~match).sum(dim=1)                         # [Q]
+
+
+def recall_at_k(sim, match, ks=(1, 5)):
+    """R@k: the fraction of queries that find a correct candidate among their k most similar ones
+    (match_ranks < k). Shapes captions repeat ("two circles"), so there every candidate with the same
+    caption counts; held-out image-text sets count the pair's own caption only, as open_clip does."""
+    rank = match_ranks(sim, match)
     return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Top-k accuracy: scores [N, C], labels [N] -> {k: fraction of images whose true class is among
+    the k best}. It is R@k with the classes as the candidates and one correct answer each."""
+    return recall_at_k(scores, F.one_hot(labels.long(), scores.shape[1]).bool(), ks)
+
+
+@torch.no_grad()
+def encode_images(model, batches, device, autocast_ctx=None, progress=False, desc="images"):
+    """Batches with "images" (and "labels") -> (L2-normalised pooled image embeddings [N, E] float32 on
+    the CPU, labels [N] or None). What zero-shot classification and the linear probe read."""
+    feats, labels = [], []
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", dynamic_ncols=True, leave=False):
+        with autocast_ctx or contextlib.nullcontext():
+            feats.append(model.encode_image(batch["images"].to(device)).float().cpu())   # [b, E]
+        if "labels" in batch:
+            labels.append(batch["labels"])
+    if not feats:
+        raise ValueError("no readable image in the evaluation set (every sample was skipped)")
+    return torch.cat(feats), (torch.cat(labels) if labels else None)
+
+
+def zeroshot_classification(model, tokenizer, class_names, templates, batches, device, autocast_ctx=None,
+                            ks=(1, 5), progress=False):
+    """Zero-shot top-k accuracy (fractions) on labelled image batches: each image's embedding against
+    the prompt-ensembled text classifier (build_text_classifier; class_names: [[name, synonym...]] per
+    class), the best synonym per class. -> {"top1", "top5", "images"} for ks=(1, 5)."""
+    with evaluation_mode(model):
+        weights, query_class = build_text_classifier(model, tokenizer, class_names, templates, device=device)
+        feats, labels = encode_images(model, batches, device, autocast_ctx, progress, desc="zero-shot")
+    scores = classifier_scores(feats, (weights.cpu(), query_class.cpu()), num_classes=len(class_names))  # [N, C]
+    acc = topk_accuracy(scores, labels, ks)
+    return {**{f"top{k}": acc[k] for k in ks}, "images": len(labels)}
+
+
+@torch.no_grad()
+def image_text_retrieval(model, batches, device, autocast_ctx=None, same_caption=False, ks=(1, 5, 10),
+                         progress=False):
+    """Image->text and text->image R@k over a set of pairs, and its contrastive loss, as open_clip's
+    evaluate computes them (open_clip_train/train.py): the loss per batch is the symmetric
+    cross-entropy of exp(s) * cosine, averaged over pairs; R@k ranks every pair against the whole set.
+    The correct answer is the pair's own caption (open_clip) or, with same_caption, every candidate
+    whose caption is identical (the shapes world). The SigLIP bias is left out, as in open_clip: a
+    constant added to every logit changes no softmax. The batches fix the loss (its negatives), so the
+    caller fixes the batch size. -> {"loss", "i2t_r1", ..., "t2i_r10", "pairs"} (fractions)."""
+    imgs, txts, caps, loss_sum = [], [], [], 0.0
+    with evaluation_mode(model):
+        for batch in tqdm(batches, desc="retrieval", disable=not progress, unit="batch", dynamic_ncols=True,
+                          leave=False):
+            with autocast_ctx or contextlib.nullcontext():
+                im, tx, scale, _ = model(batch["images"].to(device), batch["tokens"].to(device))
+            im, tx = im.float(), tx.float()                                    # [b, E] each, normalised
+            logits = scale.float() * im @ tx.T                                 # [b, b]
+            labels = torch.arange(len(im), device=logits.device)
+            loss_sum += 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item() * len(im)
+            imgs, txts, caps = imgs + [im.cpu()], txts + [tx.cpu()], caps + batch["captions"]
+    if not imgs:
+        raise ValueError("no readable pair in the evaluation set (every sample was skipped)")
+    im, tx = torch.cat(imgs), torch.cat(txts)                                  # [n, E]
+    sim = im @ tx.T                                                            # [n, n]
+    if same_caption:
+        ids = {c: i for i, c in enumerate(dict.fromkeys(caps))}
+        cap_id = torch.tensor([ids[c] for c in caps])
+        match = cap_id[:, None] == cap_id[None, :]                             # [n, n]
+    else:
+        match = torch.eye(len(caps), dtype=torch.bool)
+    i2t, t2i = recall_at_k(sim, match, ks), recall_at_k(sim.T, match.T, ks)
+    return {"loss": loss_sum / len(caps), **{f"i2t_r{k}": i2t[k] for k in ks}, **{f"t2i_r{k}": t2i[k] for k in ks},
+            "pairs": len(caps)}
+
+
+def real_data_metrics(model, tokenizer, val_set=None, zeroshot_set=None, templates="openai", batch_size=250,
+                      num_workers=0, device="cpu", autocast_ctx=None, progress=True):
+    """What train.py logs for real data (and eval_seg.py's --task classify / retrieval prints):
+      val_i2t_r1/5/10, val_t2i_r1/5/10, val_contrastive, val_pairs, val_skipped   retrieval and the
+          contrastive loss on a held-out image-text set (val_set: loaders.imagetext.build_eval_dataset);
+      zeroshot_top1, zeroshot_top5, zeroshot_images, zeroshot_skipped            zero-shot classification
+          on a class-folder set (zeroshot_set: loaders.classification.ClassFolderDataset).
+    The sets' transform must give the model's input (data.CenterView). Skipped: samples not read
+    (corrupt image, empty caption), counted, as in training. Fractions, not percent, like open_clip."""
+    out = {}
+    if val_set is not None:
+        batches = EvalBatches(val_set, batch_size, tokenizer, num_workers)
+        r = image_text_retrieval(model, batches, device, autocast_ctx, progress=progress)
+        out.update({"val_" + k: v for k, v in r.items() if k not in ("loss", "pairs")},
+                   val_contrastive=r["loss"], val_pairs=r["pairs"], val_skipped=batches.skipped)
+    if zeroshot_set is not None:
+        batches = EvalBatches(zeroshot_set, batch_size, None, num_workers)
+        r = zeroshot_classification(model, tokenizer, zeroshot_set.class_names, templates, batches, device,
+                                    autocast_ctx, progress=progress)
+        out.update(zeroshot_top1=r["top1"], zeroshot_top5=r["top5"], zeroshot_images=r["images"],
+                   zeroshot_skipped=batches.skipped)
+    return out
 
 
 @torch.no_grad()
 def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="cpu", autocast_ctx=None,
-                   seg=True, seg_out_dir=None, world=None):
+                   seg=True, seg_out_dir=None, world=None, batch_size=250):
     """The shapes world's zero-shot measures of a CLIP model (an unwrapped one; its mode is restored):
       val_loss, i2t_r1/r5, t2i_r1/r5  retrieval on the multi-object `split` (n images; every candidate
-                                       with the same caption counts as correct)
+                                       with the same caption counts as correct; image_text_retrieval)
       zeroshot_acc                     the 8 shape names in the shapes templates, on single-object images
       shapes8_X, shapes9_X             zero-shot segmentation mIoU with each dense readout X, background
                                        ignored (8 classes) / as a class (9), with seg; shapes8_chance: the
                                        mIoU of uniformly random labels. seg_out_dir: pictures and
                                        seg_metrics.json of shapes8 go there"""
     autocast_ctx = autocast_ctx or autocast_for(torch.device(device))
-    was_training = model.training
-    model.eval()
     metrics = {}
-    def batches(dataset, size=250):
-        return [collate([dataset[j] for j in range(i, min(i + size, n))], tokenizer) for i in range(0, n, size)]
-    # --- retrieval + val loss on the multi-object split ---
-    imgs, txts, caps, losses = [], [], [], []
+    def batches(dataset):
+        return [collate([dataset[j] for j in range(i, min(i + batch_size, n))], tokenizer)
+                for i in range(0, n, batch_size)]
     world = world or {}                                 # ShapesDataset's options (the training world's)
-    for batch in batches(ShapesDataset(split, size=image_size, length=n, seed=0, **world)):
-        with autocast_ctx:
-            im, tx, scale, bias = model(batch["images"].to(device), batch["tokens"].to(device))
-        im, tx = im.float(), tx.float()
-        logits = scale * im @ tx.T + (bias if bias is not None else 0.0)
-        labels = torch.arange(len(im), device=device)
-        losses.append(0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item())
-        imgs, txts, caps = imgs + [im], txts + [tx], caps + batch["captions"]
-    im, tx = torch.cat(imgs), torch.cat(txts)
-    same = torch.tensor([[a == b for b in caps] for a in caps], device=device)  # [n, n]
-    sim = im @ tx.T
-    i2t, t2i = recall_at_k(sim, same), recall_at_k(sim.T, same)
-    metrics.update(val_loss=float(np.mean(losses)), i2t_r1=i2t[1], i2t_r5=i2t[5], t2i_r1=t2i[1], t2i_r5=t2i[5])
-    # --- zero-shot classification on single-object images ---
-    single = ShapesDataset(split + "_single", size=image_size, length=n, seed=0, **world)
-    classifier = build_text_classifier(model, tokenizer, [[c] for c in single.class_names], SHAPES_TEMPLATES,
-                                       device=device)
-    correct = 0
-    for batch in batches(single):
-        with autocast_ctx:
-            im = model.encode_image(batch["images"].to(device)).float()
-        pred = classifier_scores(im, classifier).argmax(dim=1).cpu()
-        correct += (pred == batch["labels"]).sum().item()
-    metrics["zeroshot_acc"] = correct / len(single)
-    # --- zero-shot segmentation, every dense readout: shapes8 (background ignored, the headline) and
-    #     shapes9 (background as a class, through its prompts) ---
-    if seg:
-        for name in ("shapes8", "shapes9"):
-            data = load_dataset(name, split=split, size=image_size, length=n, **world)
-            for dense in DENSE_MODES:
-                out = os.path.join(seg_out_dir, f"seg_{name}_{dense}") if seg_out_dir and name == "shapes8" else None
-                result = evaluate_segmentation(model, tokenizer, dataset=data, dense=dense, device=device,
-                                               out_dir=out, max_images=n, progress=False)
-                metrics[f"{name}_{dense}"] = result["miou"]
-                if name == "shapes8" and dense == "naive":
-                    metrics["shapes8_chance"] = result["chance_miou"]
-            metrics[f"{name}_best"] = max(metrics[f"{name}_{d}"] for d in DENSE_MODES)   # the best readout
-    model.train(was_training)
+    with evaluation_mode(model):
+        # --- retrieval + val loss on the multi-object split ---
+        r = image_text_retrieval(model, batches(ShapesDataset(split, size=image_size, length=n, seed=0, **world)),
+                                 device, autocast_ctx, same_caption=True, ks=(1, 5))
+        metrics.update(val_loss=r["loss"], **{k: r[k] for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")})
+        # --- zero-shot classification on single-object images ---
+        single = ShapesDataset(split + "_single", size=image_size, length=n, seed=0, **world)
+        z = zeroshot_classification(model, tokenizer, [[c] for c in single.class_names], SHAPES_TEMPLATES,
+                                    batches(single), device, autocast_ctx, ks=(1,))
+        metrics["zeroshot_acc"] = z["top1"]
+        # --- zero-shot segmentation, every dense readout: shapes8 (background ignored, the headline) and
+        #     shapes9 (background as a class, through its prompts) ---
+        if seg:
+            for name in ("shapes8", "shapes9"):
+                data = load_dataset(name, split=split, size=image_size, length=n, **world)
+                for dense in DENSE_MODES:
+                    out = (os.path.join(seg_out_dir, f"seg_{name}_{dense}") if seg_out_dir and name == "shapes8"
+                           else None)
+                    result = evaluate_segmentation(model, tokenizer, dataset=data, dense=dense, device=device,
+                                                   out_dir=out, max_images=n, progress=False)
+                    metrics[f"{name}_{dense}"] = result["miou"]
+                    if name == "shapes8" and dense == "naive":
+                        metrics["shapes8_chance"] = result["chance_miou"]
+                metrics[f"{name}_best"] = max(metrics[f"{name}_{d}"] for d in DENSE_MODES)   # the best readout
     return metrics
 
 
@@ -700,9 +905,19 @@ def shapes_metrics(model, tokenizer, split="val", image_size=64, n=512, device="
 # -----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Zero-shot semantic segmentation with a CLIP checkpoint.")
+    ap = argparse.ArgumentParser(description="Zero-shot semantic segmentation (and classification, retrieval) "
+                                             "with a CLIP checkpoint.")
     ap.add_argument("--ckpt", required=True, help="a train.py checkpoint, or a public CLIP checkpoint "
                     "(OpenAI .pt, open_clip .bin; then also --bpe_path)")
+    ap.add_argument("--task", default="seg", choices=("seg", "classify", "retrieval"),
+                    help="seg: segmentation on --dataset; classify: zero-shot top-1/top-5 on the class-folder "
+                         "tree --root (root/<class>/*.jpg); retrieval: R@1/5/10 and the contrastive loss on "
+                         "the image-text pairs --root (.csv/.tsv or .tar shards)")
+    ap.add_argument("--classnames", default=None, help="classify: class names, one line per class folder in "
+                    "sorted order (synonyms separated by commas); default: the folder names")
+    ap.add_argument("--csv_img_key", default="filepath", help="retrieval on a csv: the image-path column")
+    ap.add_argument("--csv_caption_key", default="title", help="retrieval on a csv: the caption column")
+    ap.add_argument("--num_workers", type=int, default=2, help="classify / retrieval: image-decoding workers")
     ap.add_argument("--bpe_path", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz (public checkpoints)")
     ap.add_argument("--act", default="quick_gelu", choices=("quick_gelu", "gelu"),
                     help="activation of a public checkpoint: quick_gelu (OpenAI) or gelu (most open_clip)")
@@ -722,28 +937,48 @@ def main(argv=None):
     ap.add_argument("--logit_scale", type=float, default=None)
     ap.add_argument("--bg_prompts", type=int, default=None, choices=(0, 1), help="give background its names")
     ap.add_argument("--prob_thresh", type=float, default=None, help="below it a pixel becomes background")
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--batch_size", type=int, default=None, help="default 32; classify / retrieval: 250, "
+                    "train.py's --eval_batch_size (the val loss depends on it: its negatives)")
     ap.add_argument("--max_images", type=int, default=None)
     ap.add_argument("--n_pictures", type=int, default=8)
-    ap.add_argument("--size", type=int, default=None, help="shapes image size (default: the model's)")
+    ap.add_argument("--size", type=int, default=None, help="shapes image size; classify / retrieval: the input "
+                    "size (default: the model's)")
     ap.add_argument("--seed", type=int, default=0, help="shapes seed")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
     model, tokenizer = load_model_from_checkpoint(args.ckpt, device, bpe_path=args.bpe_path, act=args.act,
                                                   teacher=args.teacher)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    if args.task != "seg":                     # image-level measures on a real dataset
+        if not args.root:
+            ap.error(f"--task {args.task} needs --root (the class-folder tree, or the csv / tar shards)")
+        view = CenterView(args.size or model.config.image_size)
+        try:
+            sets = (dict(zeroshot_set=ClassFolderDataset(args.root, args.classnames, view)) if args.task == "classify"
+                    else dict(val_set=build_eval_dataset(args.root, view, args.csv_img_key, args.csv_caption_key)))
+        except (FileNotFoundError, ValueError) as e:
+            ap.error(str(e))
+        result = real_data_metrics(model, tokenizer, **sets, templates=args.templates or "openai",
+                                   batch_size=args.batch_size or 250, num_workers=args.num_workers, device=device,
+                                   autocast_ctx=autocast_for(device))
+        path = os.path.join(out_dir, f"{args.task}_metrics.json")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"root": args.root, **result}, f, indent=2)
+        print(f"{args.task} on {args.root}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()) + f" -> {path}")
+        return result
     if args.dataset.startswith("shapes"):       # the world the checkpoint was trained in
         size = args.size or model.config.image_size
         dataset = load_dataset(args.dataset, split=args.split, size=size, seed=args.seed,
                                **world_from_config(checkpoint_config(args.ckpt)))
     else:
         dataset = load_dataset(args.dataset, args.root)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     result = evaluate_segmentation(
         model, tokenizer, dataset, dense=args.dense, templates=args.templates,
         short_side=args.short_side, crop=0 if args.whole else args.crop, stride=args.stride,
         logit_scale=args.logit_scale, bg_prompts=None if args.bg_prompts is None else bool(args.bg_prompts),
-        prob_thresh=args.prob_thresh, batch_size=args.batch_size, max_images=args.max_images,
+        prob_thresh=args.prob_thresh, batch_size=args.batch_size or 32, max_images=args.max_images,
         out_dir=out_dir, n_pictures=args.n_pictures)
     fg = f"  fg-mIoU {result['fg_miou']:.2f}" if result["fg_miou"] is not None else ""
     print(f"{result['dataset']} ({args.dense}): mIoU {result['miou']:.2f}{fg}  pixel acc "

@@ -24,6 +24,11 @@ eval_seg.py (zero-shot evaluation); loaders/ reads the data and the public weigh
 
 Run it: `python train.py` (the CPU default), any Config field as --key=value, `--help` lists them.
 
+Evaluation, as open_clip users expect it: at the end and every --eval_interval steps, rank 0 measures
+the shapes world (on shapes data), retrieval on held-out pairs (--val_data) and zero-shot
+classification on a class-folder tree (--zeroshot_data); each result goes into out_dir/log.jsonl with
+its step, beside the training records, and out_dir/curves.png is redrawn from the log.
+
 Batch size convention: `batch_size` is the GLOBAL batch of one optimizer step, summed over ranks and
 gradient-accumulation micro-steps. So the same config gives the same optimisation problem on 1 or 8
 processes and for any grad_accum (tests/test_train.py checks both).
@@ -46,12 +51,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip import CLIP, autocast_for, model_config, pick_device, trim_padding
-from data import EOT_ID, PAD_ID, ByteTokenizer, MultiCrop, WordTokenizer, collate, make_loader
+from data import EOT_ID, PAD_ID, ByteTokenizer, CenterView, MultiCrop, WordTokenizer, collate, make_loader
 from ema import ema_update, make_teacher, teacher_forward
-from eval_seg import shapes_metrics
-from loaders.imagetext import build_dataset
+from eval_seg import real_data_metrics, save_curves, shapes_metrics
+from loaders.classification import ClassFolderDataset
+from loaders.imagetext import build_dataset, build_eval_dataset
 from loaders.pretrained import config_from_checkpoint, load_pretrained_into
 from loaders.shapes import SHAPES_VOCABULARY, world_from_config
+from loaders.templates import get_templates
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
                     center_stats, clip_loss, mlm_loss, siglip_loss, teacher_entropy)
 from masking import num_masked, sample_generator, sample_masks, sample_mlm
@@ -146,6 +153,12 @@ class Config:
     eval_seg: bool = True           # include zero-shot segmentation (eval_seg.py)
     eval_samples: int = 512         # images of each val split used during/after training
     eval_split: str = "val"         # val | tune: choose hyper-parameters on "tune", report "val" once
+    eval_batch_size: int = 250      # evaluation batches (the val loss depends on it: its negatives)
+    # --- evaluation on real data, as open_clip's --val-data and --imagenet-val (any --data) ---
+    val_data: str = ""              # held-out pairs (.csv/.tsv or .tar shards): R@1/5/10 both ways, val loss
+    zeroshot_data: str = ""         # a class-folder tree root/<class>/*.jpg (ImageNet val): zero-shot top-1/5
+    zeroshot_classnames: str = ""   # its class names, one line per folder in sorted order ("": folder names)
+    zeroshot_templates: str = "openai"  # openai (the 80 prompts) | short (7)
 
 
 METHODS = ("clip", "silc", "maskclip", "silc+maskclip")
@@ -277,6 +290,29 @@ def build_train_data(cfg, patch_size, tokenizer):
     except (FileNotFoundError, ValueError) as e:   # a wrong path or a bad file: say so, no traceback
         sys.exit(f"error: {e}")
     return dataset, functools.partial(collate, tokenizer=tokenizer)
+
+
+def build_eval_sets(cfg):
+    """The real-data evaluation sets, read with the evaluation view (data.CenterView): --val_data
+    (loaders.imagetext.build_eval_dataset) and --zeroshot_data (loaders.classification), None where not
+    given. A wrong path or layout stops the run here, before the first step, on every rank."""
+    view, sep = CenterView(cfg.image_size), None if cfg.csv_separator == "auto" else cfg.csv_separator
+    try:
+        if cfg.zeroshot_classnames and not cfg.zeroshot_data:
+            raise ValueError("--zeroshot_classnames names the classes of --zeroshot_data, which is not given")
+        get_templates(cfg.zeroshot_templates)
+        val = zs = None
+        if cfg.val_data:
+            val = build_eval_dataset(cfg.val_data, view, cfg.csv_img_key, cfg.csv_caption_key, sep)
+        if cfg.zeroshot_data:
+            zs = ClassFolderDataset(cfg.zeroshot_data, cfg.zeroshot_classnames or None, view)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if cfg.eval_interval and cfg.data != "shapes" and val is None and zs is None:
+        sys.exit(f"error: --eval_interval={cfg.eval_interval} asks for an evaluation every {cfg.eval_interval} steps, "
+                 f"but --data={cfg.data} has no evaluation set: give --val_data (held-out image-text pairs) "
+                 f"and/or --zeroshot_data (a class-folder tree), or --eval_interval=0")
+    return {"val_set": val, "zeroshot_set": zs}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -655,21 +691,46 @@ def log_record(step, terms, skipped, world, samples_per_s, logit_scale):
             **{k: round(float(v), 6) for k, v in terms.items()}, "skipped": int(n_skipped)}
 
 
-def evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, pictures=False):
-    """The shapes world's zero-shot measures (eval_seg.shapes_metrics) of the student and, when there is
-    one, of the EMA teacher (its image tower, the student's text tower; DINO evaluates the teacher).
-    Other data: use eval_seg.py on a dataset."""
-    if cfg.data != "shapes":
-        return {}
+def evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, eval_sets=None, pictures=False):
+    """The zero-shot measures of the student and, when there is one, of the EMA teacher (its image
+    tower, the student's text tower; DINO evaluates the teacher): the shapes world's on shapes data
+    (eval_seg.shapes_metrics), and on any data retrieval on --val_data and zero-shot classification on
+    --zeroshot_data (eval_seg.real_data_metrics). Rank 0 runs it alone, on every sample of each set:
+    the numbers cannot depend on the world size (the other ranks wait at their next collective)."""
     clip, metrics = pretrainer.clip, {}
+    eval_sets = {k: v for k, v in (eval_sets or {}).items() if v is not None}
     for prefix, model in (("", clip), ("teacher_", teacher_clip(clip, teacher) if teacher is not None else None)):
-        if model is not None:
+        if model is None:
+            continue
+        if cfg.data == "shapes":
             out = cfg.out_dir if pictures else None
             m = shapes_metrics(model, tokenizer, cfg.eval_split, cfg.image_size, cfg.eval_samples, device, autocast_ctx,
                                seg=cfg.eval_seg, seg_out_dir=os.path.join(out, prefix + "seg") if out else None,
-                               world=shapes_world(cfg))
+                               world=shapes_world(cfg), batch_size=cfg.eval_batch_size)
+            metrics.update({prefix + k: v for k, v in m.items()})
+        if eval_sets:
+            m = real_data_metrics(model, tokenizer, **eval_sets, templates=cfg.zeroshot_templates,
+                                  batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, device=device,
+                                  autocast_ctx=autocast_ctx)
             metrics.update({prefix + k: v for k, v in m.items()})
     return metrics
+
+
+def log_evaluation(log_path, step, metrics):
+    """An evaluation's metrics into log.jsonl with its step (beside the training records), and the
+    training curves redrawn."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    draw_curves_of(log_path)
+
+
+def draw_curves_of(log_path):
+    """out_dir/curves.png from log.jsonl: every loss term, the lr and the evaluations against step
+    (eval_seg.draw_curves; written atomically). Nothing logged yet: no picture."""
+    try:
+        save_curves([log_path], os.path.join(os.path.dirname(log_path), "curves.png"))
+    except (FileNotFoundError, ValueError):
+        pass
 
 
 def teacher_clip(clip, teacher):
@@ -703,6 +764,7 @@ def main(argv=None):
     dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tokenizer)
     data_iter = iter(make_loader(dataset, collate_fn, cfg.batch_size, world, rank, cfg.grad_accum, cfg.seed,
                                  start_step, cfg.num_workers))
+    eval_sets = build_eval_sets(cfg)                     # --val_data, --zeroshot_data (None if not given)
 
     # --- student, optimizer, teacher; what the step calls (compiled, DDP-wrapped) ---
     pretrainer, optimizer, teacher = build_student(cfg, clip_cfg, device, ckpt)
@@ -739,25 +801,29 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
         pbar.update(1)
         if master and cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            m = evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step + 1, **m}) + "\n")
+            m = evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, eval_sets)
+            log_evaluation(log_path, step + 1, m)
             tqdm.write(f"step {step + 1}: {m}")
         if master and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.steps, cfg.stop_at)):
             save_checkpoint(ckpt_path, pretrainer, teacher, optimizer, step + 1, cfg, tokenizer)
         if step + 1 == cfg.stop_at:
             pbar.close()
             if master:
+                draw_curves_of(log_path)
                 print(f"stopped at step {step + 1} (--stop_at); continue with --resume=True")
             return cleanup(world, owned)
     pbar.close()
     if master and cfg.eval:
         t0 = time.time()
-        metrics = {**evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, pictures=True),
-                   "step": cfg.steps}
+        metrics = evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, eval_sets, pictures=True)
+        if metrics:
+            log_evaluation(log_path, cfg.steps, metrics)
+        metrics["step"] = cfg.steps
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(f"final metrics ({time.time() - t0:.0f}s to evaluate):", json.dumps(metrics))
+    if master:
+        draw_curves_of(log_path)
     cleanup(world, owned)
 
 

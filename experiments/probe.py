@@ -105,26 +105,24 @@ def probe_loss(weight, bias, feats, q, count, wd):
     return (count * ce).sum() / count.sum().clamp(min=1) + wd * weight.square().sum()
 
 
-def fit_probe(feats, labels, num_classes, wd, max_iter=300, info=None):
-    """Fit W [C, E], b [C] on features [n, h, w, E] and label maps [n, H, W] by full-batch L-BFGS
-    (convex: the start at zero and the result are deterministic).
+def fit_logistic(X, q, count, wd, max_iter=300, info=None):
+    """Multinomial logistic regression by full-batch L-BFGS (convex: the start at zero and the result
+    are deterministic): minimise probe_loss over W [C, E], b [C] on features X [M, E] with soft labels
+    q [M, C] and row weights count [M] (a hard label: a one-hot q, count 1). experiments/linprobe.py
+    fits its image-level probe with it too.
 
-    The features are standardised first (each dimension to mean 0, std 1 over the fitted patches,
-    as DINOv2's linear head does with a BatchNorm): CLIP's normalised patch features sit in a
-    narrow cone, so raw they need a huge W and L-BFGS crawls. The probe is fitted on the
-    standardised features, with wd on that W, and then folded back so that it applies to the raw
-    features:  W_raw = W / s,  b_raw = b - W_raw m.
+    The features are standardised first (each dimension to mean 0, std 1 over the rows, as DINOv2's
+    linear head does with a BatchNorm): CLIP's normalised features sit in a narrow cone, so raw they
+    need a huge W and L-BFGS crawls. The probe is fitted on the standardised features, with wd on that
+    W, and then folded back so that it applies to the raw features:  W_raw = W / s,  b_raw = b - W_raw m.
     info: a dict, if given, receives the L-BFGS iteration count and the final gradient norm."""
-    n, h, w, E = feats.shape
-    q, count = patch_class_fractions(labels, (h, w), num_classes)
-    X, q, count = feats.reshape(-1, E).double(), q.reshape(-1, num_classes), count.reshape(-1)
-    keep = count > 0
-    X, q, count = X[keep], q[keep], count[keep]
-    mean, std = X.mean(0), X.std(0)                                                 # [E], [E]
+    X, q, count = X.double(), q.double(), count.double()
+    E, C = X.shape[1], q.shape[1]
+    mean, std = X.mean(0), X.std(0) if len(X) > 1 else torch.ones(E, dtype=X.dtype)   # [E], [E]
     std = torch.where(std > 1e-6, std, torch.ones_like(std))    # a (near-)constant dimension: left as is
     X = (X - mean) / std
-    weight = torch.zeros(num_classes, E, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(C, E, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(C, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
                             tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
@@ -141,6 +139,16 @@ def fit_probe(feats, labels, num_classes, wd, max_iter=300, info=None):
         info["grad_norm"] = float(torch.cat([weight.grad.flatten(), bias.grad]).norm())
     w_raw = weight.detach() / std                                                   # [C, E]
     return w_raw.float(), (bias.detach() - w_raw @ mean).float()
+
+
+def fit_probe(feats, labels, num_classes, wd, max_iter=300, info=None):
+    """Fit W [C, E], b [C] on patch features [n, h, w, E] and label maps [n, H, W]: each labelled patch
+    is a row, its class fractions the soft label, its labelled-pixel count the weight (fit_logistic)."""
+    n, h, w, E = feats.shape
+    q, count = patch_class_fractions(labels, (h, w), num_classes)
+    X, q, count = feats.reshape(-1, E), q.reshape(-1, num_classes), count.reshape(-1)
+    keep = count > 0
+    return fit_logistic(X[keep], q[keep], count[keep], wd, max_iter, info)
 
 
 def probe_predict(feats, weight, bias, out_size):

@@ -12,7 +12,8 @@ Both readers yield the sample form that data.py turns into batches, {"image": ui
 Bad input never crashes a run: an unreadable image, an empty caption or a truncated shard is
 skipped and counted (data.skip), and a CsvDataset reads the next row instead, so batches keep their
 size. A path that does not exist is a FileNotFoundError when the dataset is built.
-`build_dataset` picks the reader from a name or path; `subset` keeps the first N samples.
+`build_dataset` picks the reader from a name or path; `subset` keeps the first N samples;
+`build_eval_dataset` reads a held-out set for evaluation (every pair once, nothing replaced).
 """
 
 import copy
@@ -38,6 +39,7 @@ class CsvDataset(torch.utils.data.Dataset):
     Relative image paths are resolved against the csv file's folder. A corrupt / missing image or
     an empty caption is skipped and counted, and the NEXT index is read instead (up to
     `max_retries` in a row), so batches keep their size (DDP's all-gather needs equal sizes).
+    max_retries=0 (evaluation, where a replacement would count one pair twice): None instead.
     Returns dict(image=uint8 [3, H, W], caption=str), through `transform` if given.
     """
 
@@ -84,6 +86,9 @@ class CsvDataset(torch.utils.data.Dataset):
         return dict(image=image, caption=caption)
 
     def __getitem__(self, index):
+        if self.max_retries == 0:            # evaluation: every row once; a bad one is None (collate drops it)
+            sample = self.load(index)
+            return self.transform(sample) if sample is not None and self.transform is not None else sample
         for attempt in range(self.max_retries):
             sample = self.load((index + attempt) % len(self))
             if sample is not None:
@@ -353,3 +358,20 @@ def build_dataset(name_or_path: str, split: str = "train", transform=None, image
         ds = TarShardDataset(name_or_path, transform, shuffle=split == "train", shuffle_buffer=1000 * (split == "train"),
                              seed=seed, repeat=repeat)
     return subset(ds, n) if n else ds
+
+
+def build_eval_dataset(path: str, transform=None, csv_img_key: str = "filepath", csv_caption_key: str = "title",
+                       csv_sep: str | None = None):
+    """A held-out image-text set for evaluation (train.py --val_data, eval_seg.py --task retrieval): every
+    pair once, in file order, none read twice. A .csv/.tsv -> CsvDataset that gives None for a bad row
+    (counted; no replacement); tar shards -> TarShardDataset read whole by this process (no rank split:
+    one process evaluates alone, so the numbers cannot depend on the world size), unshuffled, one pass."""
+    if path == "shapes":
+        raise ValueError("the shapes world has its own evaluation (train.py runs it on shapes data); "
+                         "--val_data takes a .csv/.tsv file or .tar shards")
+    if path.lower().endswith((".csv", ".tsv")):
+        return CsvDataset(path, transform, csv_img_key, csv_caption_key, csv_sep, max_retries=0)
+    if not (os.path.exists(path) or "{" in path):
+        raise FileNotFoundError(f"val data {path!r} is not a .csv/.tsv file, a folder of .tar shards, a .tar "
+                                f"file or a {{a..b}} shard pattern that exists")
+    return TarShardDataset(path, transform, rank=0, world_size=1)

@@ -4,7 +4,8 @@ tokenizer.
 Few people can pretrain a ViT-B/16 on hundreds of millions of pairs, but anyone can take a public
 CLIP (Radford et al. 2021), measure its zero-shot segmentation (eval_seg.py) and continue training it
 with the SILC or MaskCLIP losses (train.py --init_from). This file makes that possible with no
-download code: the user fetches the files, we read them from a local path.
+download code: the user fetches the files, we read them from a local path. And the way back: a model
+trained here becomes an open_clip model (section 3), so it runs where people already work.
 
 1. Weights. OpenAI's CLIP checkpoints (ViT-B/32, ViT-B/16, ViT-L/14; TorchScript archives or plain
    state dicts) and open_clip's checkpoints of the same architectures are the same pre-norm ViT as
@@ -32,6 +33,9 @@ download code: the user fetches the files, we read them from a local path.
               attn_mask (the text causal mask, in open_clip TorchScript exports; clip.py builds its own)
      added:   visual.mask_token = zeros (not part of public CLIP; clip.py also starts it at zero)
 
+   Containers: OpenAI's TorchScript archives, torch.save files (.bin / .pt), and .safetensors files
+   (what open_clip and Hugging Face serve today, open_clip_model.safetensors), read here without the
+   safetensors package: an 8-byte header length, a JSON header, raw little-endian tensors.
    Also accepted: open_clip training checkpoints ({"state_dict": ...} with DDP "module." prefixes),
    open_clip's CustomTextCLIP layout ("text.transformer...", "text.text_projection"), and our own
    {"model", "model_config"} files (train.py checkpoints, save_converted). Any other key, a missing
@@ -76,10 +80,21 @@ download code: the user fetches the files, we read them from a local path.
      (HTML entities, curly quotes -> straight, Latin ligatures, full-width ASCII, control
      characters, NFC normalisation) and SKIPS ftfy's mojibake repair (e.g. "cafÃ©" -> "café") and
      terminal-escape removal. Such text tokenises differently from the original.
+
+3. Export. A train.py checkpoint becomes an open_clip model folder (`export_open_clip`; the
+   command: `python -m loaders.pretrained export out/ckpt.pt out/open_clip`): the import table read
+   backwards (projections transposed back to x @ P), the open_clip model config of its size
+   (open_clip_config.json, what `open_clip.create_model("local-dir:...")` reads) and the tokenizer
+   it needs. The training-only parts (DINO heads, decoders, the mask token, the optimizer) stay
+   behind. Two limits, both said plainly: the convolutional stem has no open_clip counterpart (train
+   with --stem=linear to export), and open_clip has no byte- or word-level tokenizer: a model trained
+   with CLIP's BPE (--init_from) is complete in open_clip; any other gives open_clip its image tower
+   and its text tower, whose ids must come from this project's tokenizer (recorded in the config).
 """
 
 import gzip
 import html
+import json
 import math
 import os
 import re
@@ -90,7 +105,7 @@ from dataclasses import asdict
 import torch
 
 from clip import CLIP, CLIPConfig, interpolate_pos_embed
-from data import ByteTokenizer, WordTokenizer
+from data import CLIP_MEAN, CLIP_STD, ByteTokenizer, WordTokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 1. Weights: OpenAI / open_clip names -> clip.py names
@@ -144,16 +159,87 @@ ARCH_FIELDS = ("stem", "image_size", "patch_size", "vision_width", "vision_layer
                "context_length", "vocab_size", "text_width", "text_layers", "embed_dim")
 
 
+# safetensors dtype names -> torch dtypes (the format's full list, minus the sub-byte and 8-bit exponent-only types)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+SAFETENSORS_MAX_HEADER = 100 * 2**20        # the reference implementation refuses larger headers too
+
+
+def read_safetensors(path: str) -> dict:
+    """A .safetensors file -> {name: tensor}, with the standard library and torch only.
+
+    The format (huggingface/safetensors): an unsigned little-endian 64-bit header length n, then n
+    bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+    then the raw little-endian tensor bytes, offsets relative to the end of the header. The tensors
+    must tile the data section exactly: sorted by offset, each begins where the previous one ends.
+    Each tensor is read into its own buffer (no second copy of the file in memory). A malformed
+    header (a length past the file, bad JSON, an unknown dtype, a bad shape, offsets that do not
+    match the shape, overlap or leave gaps) is a ValueError that says what is wrong."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path!r}: too short for a safetensors header ({size} bytes)")
+        n = int.from_bytes(raw, "little")
+        if not 2 <= n <= min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ValueError(f"{path!r}: safetensors header length {n} does not fit the {size}-byte file")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path!r}: the safetensors header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path!r}: the safetensors header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_size = size - 8 - n
+        entries = []                                   # (begin, end, name, dtype, shape)
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+                if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path!r}: tensor {name!r} has a malformed entry {info!r} (known dtypes: "
+                                 f"{sorted(SAFETENSORS_DTYPES)})") from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or end > data_size:
+                raise ValueError(f"{path!r}: tensor {name!r} ({info['dtype']} {shape}, {nbytes} bytes) has "
+                                 f"data_offsets [{begin}, {end}] in a {data_size}-byte data section")
+            entries.append((begin, end, name, dtype, shape))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        position = 0
+        for begin, end, name, _, _ in entries:         # exact tiling: no overlap, no gap, no tail
+            if begin != position:
+                raise ValueError(f"{path!r}: tensor {name!r} starts at byte {begin} of the data section, not at "
+                                 f"{position} where the previous tensor ends (overlap or gap)")
+            position = end
+        if position != data_size:
+            raise ValueError(f"{path!r}: the tensors cover {position} of the {data_size} data bytes")
+        out = {}
+        for begin, end, name, dtype, shape in entries:
+            buf = bytearray(end - begin)
+            f.seek(8 + n + begin)
+            f.readinto(buf)
+            # (bytes are little-endian, as on every machine torch runs on in practice)
+            out[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+    return out
+
+
 def read_state_dict(path: str) -> dict:
     """Read a checkpoint file into a flat {name: tensor} dict, whatever the container.
 
-    TorchScript archive (OpenAI's .pt files) -> torch.jit.load(...).state_dict(); anything else goes
-    through torch.load(weights_only=True): plain state dicts (open_clip_pytorch_model.bin), open_clip
-    training checkpoints (a "state_dict" entry, "module." prefixes), and our {"model", "model_config"}
-    files, which are returned whole. safetensors files are not read (use the .bin).
+    TorchScript archive (OpenAI's .pt files) -> torch.jit.load(...).state_dict(); a .safetensors file
+    (what open_clip and Hugging Face serve today, open_clip_model.safetensors) -> read_safetensors;
+    anything else goes through torch.load(weights_only=True): plain state dicts
+    (open_clip_pytorch_model.bin), open_clip training checkpoints (a "state_dict" entry, "module."
+    prefixes), and our {"model", "model_config"} files, which are returned whole.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r} (download it yourself: this code never does)")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
     # A TorchScript archive is a zip holding serialised code ("constants.pkl", "code/"); a torch.save
     # zip holds only "data.pkl" and tensor storages.
     if zipfile.is_zipfile(path):
@@ -224,14 +310,20 @@ def _infer_config(sd: dict, act: str, vision_heads, text_heads, eot_token_id) ->
     )
 
 
+def _rename(key: str, table: dict, block_key: re.Pattern, prefixes: dict, block_table: dict) -> str | None:
+    """One key through a pair of name tables (either way): a non-block key by `table`, a block key
+    "<tower prefix><i>.<rest>" by `prefixes` and `block_table`; None if the tables do not know it."""
+    if key in table:
+        return table[key]
+    m = block_key.fullmatch(key)
+    if m and m.group(3) in block_table:
+        return f"{prefixes[m.group(1)]}{m.group(2)}.{block_table[m.group(3)]}"
+    return None
+
+
 def _our_name(key: str) -> str | None:
     """clip.py name of one OpenAI / open_clip key, or None if the tables do not know it."""
-    if key in OPENAI_TO_OURS:
-        return OPENAI_TO_OURS[key]
-    m = _BLOCK_KEY.fullmatch(key)
-    if m and m.group(3) in BLOCK_TO_OURS:
-        return f"{BLOCK_PREFIXES[m.group(1)]}{m.group(2)}.{BLOCK_TO_OURS[m.group(3)]}"
-    return None
+    return _rename(key, OPENAI_TO_OURS, _BLOCK_KEY, BLOCK_PREFIXES, BLOCK_TO_OURS)
 
 
 def check_state_dict(config: CLIPConfig, sd: dict) -> None:
@@ -384,6 +476,22 @@ def checkpoint_config(path: str) -> dict:
     return ckpt.get("config") or {} if isinstance(ckpt, dict) else {}
 
 
+def our_checkpoint_parts(ckpt: dict, path: str = "the checkpoint", teacher: bool = False):
+    """A loaded train.py checkpoint (or a save_converted file) -> (CLIPConfig, clip.py state dict,
+    tokenizer state). teacher=True: the image tower is the EMA teacher's, the text tower the student's.
+    The tokenizer is the recorded one (older files: byte-level unless the config has CLIP's BPE
+    vocabulary). Only the CLIP itself: heads, decoders and the optimizer state are left behind."""
+    config = CLIPConfig(**ckpt["model_config"])
+    tok = ckpt.get("tokenizer") or {"kind": "byte" if config.vocab_size == ByteTokenizer().vocab_size else "bpe"}
+    # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    if teacher:
+        if not ckpt.get("teacher"):
+            raise ValueError(f"{path} holds no EMA teacher (only the self-distillation methods keep one)")
+        state.update({k: v for k, v in ckpt["teacher"].items() if k.startswith("visual.")})
+    return config, state, {"context_length": config.context_length, **tok}
+
+
 def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gelu", teacher=False):
     """A checkpoint -> (model in eval mode on device, tokenizer).
 
@@ -411,16 +519,9 @@ def load_model_from_checkpoint(path, device="cpu", bpe_path=None, act="quick_gel
                              f"pass --bpe_path=.../bpe_simple_vocab_16e6.txt.gz")
         model, tokenizer = load_pretrained(path, merges_path=bpe_path, act=act)
         return model.to(device).eval(), tokenizer
-    config = CLIPConfig(**ckpt["model_config"])
-    state = ckpt.get("tokenizer") or {"kind": "byte" if config.vocab_size == ByteTokenizer().vocab_size else "bpe"}
-    tokenizer = tokenizer_from_state({"context_length": config.context_length, **state}, bpe_path, path)
+    config, state, tok_state = our_checkpoint_parts(ckpt, path, teacher)
+    tokenizer = tokenizer_from_state(tok_state, bpe_path, path)
     model = CLIP(config)
-    # Strip wrappers' prefixes in case the state dict came from DDP or torch.compile.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    if teacher:
-        if not ckpt.get("teacher"):
-            raise ValueError(f"{path} holds no EMA teacher (only the self-distillation methods keep one)")
-        state.update({k: v for k, v in ckpt["teacher"].items() if k.startswith("visual.")})
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer
 
@@ -626,3 +727,125 @@ class BPETokenizer:
                 symbols.append(self.decoder[i])
         data = bytearray(self.byte_decoder[c] for c in "".join(symbols))
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Weights out: a train.py checkpoint as an open_clip model
+# ----------------------------------------------------------------------------------------------
+
+# The import tables read backwards: clip.py name -> OpenAI / open_clip name.
+OURS_TO_OPENAI = {ours: theirs for theirs, ours in OPENAI_TO_OURS.items()}
+BLOCK_TO_OPENAI = {ours: theirs for theirs, ours in BLOCK_TO_OURS.items()}
+OUR_BLOCK_PREFIXES = {ours: theirs for theirs, ours in BLOCK_PREFIXES.items()}
+_OUR_BLOCK_KEY = re.compile(r"((?:visual|text)\.blocks\.)(\d+)\.(.+)")
+# Parts of clip.py that open_clip's CLIP has no place for, and that inference never uses: the ViT's
+# mask token (MaskCLIP / iBOT masked inputs only).
+TRAINING_ONLY = {"visual.mask_token"}
+OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG = "open_clip_pytorch_model.bin", "open_clip_config.json"
+
+
+def _openai_name(key: str) -> str | None:
+    """OpenAI / open_clip name of one clip.py key (the inverse of _our_name), or None."""
+    return _rename(key, OURS_TO_OPENAI, _OUR_BLOCK_KEY, OUR_BLOCK_PREFIXES, BLOCK_TO_OPENAI)
+
+
+def open_clip_model_cfg(config: CLIPConfig) -> dict:
+    """The model config open_clip's CLIP class is built from (the "model_cfg" of open_clip_config.json;
+    open_clip/model.py CLIPVisionCfg / CLIPTextCfg), for any clip.py size with the linear stem.
+
+    open_clip derives its ViT heads as width / head_width; the text tower takes its heads directly.
+    Text pooling: open_clip's default ("argmax": the largest id, OpenAI's EOT) is right for CLIP's BPE
+    only; "eos" pools at the first id equal to eos_id, exactly clip.py's rule, for every tokenizer.
+    init_logit_bias makes open_clip create the SigLIP bias parameter (its value comes from the weights)."""
+    if config.stem != "linear":
+        raise ValueError("this model has the convolutional stem (Xiao et al. 2021), which open_clip's ViT does "
+                         "not have; only linear-stem models export. Train with --stem=linear to export.")
+    cfg = {
+        "embed_dim": config.embed_dim,
+        "quick_gelu": config.act == "quick_gelu",
+        "vision_cfg": {"image_size": config.image_size, "patch_size": config.patch_size,
+                       "width": config.vision_width, "layers": config.vision_layers,
+                       "head_width": config.vision_width // config.vision_heads, "mlp_ratio": config.mlp_ratio},
+        "text_cfg": {"context_length": config.context_length, "vocab_size": config.vocab_size,
+                     "width": config.text_width, "heads": config.text_heads, "layers": config.text_layers,
+                     "mlp_ratio": config.mlp_ratio, "pad_id": config.pad_token_id,
+                     "eos_id": config.eot_token_id, "pool_type": "eos"},
+    }
+    if config.init_logit_bias is not None:
+        cfg["init_logit_bias"] = config.init_logit_bias
+    return cfg
+
+
+def to_open_clip_state_dict(sd: dict) -> dict:
+    """clip.py state dict -> open_clip (= OpenAI) names and layouts, float32; the training-only parts
+    dropped. A key the tables do not know is a ValueError (a silent partial export would load wrong)."""
+    unknown = sorted(k for k in sd if k not in TRAINING_ONLY and _openai_name(k) is None)
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys have no open_clip name: {unknown}")
+    out = {}
+    for k, v in sd.items():
+        if k in TRAINING_ONLY:
+            continue
+        name = _openai_name(k)
+        v = v.detach().float().cpu()
+        out[name] = (v.t() if name in TRANSPOSED else v).contiguous()   # Linear [out, in] -> x @ P [in, out]
+    return out
+
+
+TEXT_NOTES = {
+    "bpe": "CLIP's BPE: open_clip.get_tokenizer('local-dir:<this folder>') gives the ids this model was trained on.",
+    "other": ("This model was trained with this project's {kind} tokenizer (data.py), which open_clip does not "
+              "have: open_clip.get_tokenizer would return CLIP's BPE and WRONG ids. The image tower needs "
+              "nothing; for text, tokenize with loaders.pretrained.tokenizer_from_state(<the 'tokenizer' "
+              "entry of this file>) and pass the ids to model.encode_text."),
+}
+
+
+def export_open_clip(path: str, out_dir: str, teacher: bool = False) -> dict:
+    """A train.py checkpoint -> an open_clip model folder, loadable with
+    open_clip.create_model_and_transforms("local-dir:" + out_dir):
+      open_clip_pytorch_model.bin   the CLIP state dict in open_clip's names (torch.save)
+      open_clip_config.json         {"model_cfg", "preprocess_cfg", "tokenizer", "text_note"}
+    teacher=True: the EMA teacher's image tower with the student's text tower. Heads, decoders, the
+    mask token and the optimizer state stay behind. Returns the config written."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):
+        raise ValueError(f"{path} is not a train.py checkpoint (a dict with 'model' and 'model_config')")
+    config, state, tok = our_checkpoint_parts(ckpt, path, teacher)
+    check_state_dict(config, state)
+    written = {
+        "model_cfg": open_clip_model_cfg(config),
+        # eval_seg.py / train.py's evaluation view: the centred square, resized (bilinear), CLIP's mean / std
+        "preprocess_cfg": {"size": config.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                           "interpolation": "bilinear", "resize_mode": "shortest"},
+        "tokenizer": tok,
+        "text_note": TEXT_NOTES["bpe"] if tok["kind"] == "bpe" else TEXT_NOTES["other"].format(kind=tok["kind"]),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(to_open_clip_state_dict(state), os.path.join(out_dir, OPEN_CLIP_WEIGHTS))
+    with open(os.path.join(out_dir, OPEN_CLIP_CONFIG), "w") as f:
+        json.dump(written, f, indent=2)
+    return written
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="Export a train.py checkpoint as an open_clip model folder "
+                                             "(open_clip.create_model_and_transforms('local-dir:OUT_DIR')).")
+    ap.add_argument("command", choices=["export"])
+    ap.add_argument("ckpt", help="a train.py checkpoint (out/ckpt.pt)")
+    ap.add_argument("out_dir", help="the folder to write (open_clip_pytorch_model.bin, open_clip_config.json)")
+    ap.add_argument("--teacher", action="store_true", help="export the EMA teacher's image tower")
+    args = ap.parse_args(argv)
+    try:
+        written = export_open_clip(args.ckpt, args.out_dir, teacher=args.teacher)
+    except (FileNotFoundError, ValueError) as e:
+        ap.exit(2, f"error: {e}\n")
+    print(f"wrote {args.out_dir}/{OPEN_CLIP_WEIGHTS} and {OPEN_CLIP_CONFIG}\ntext: {written['text_note']}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

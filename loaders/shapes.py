@@ -13,14 +13,21 @@ Why it is not in data.py: data.py teaches the path from a sample to a batch (tok
 collate), which is the same for this world and for real photos. The polygon maths that draws a star
 is not one of the ideas a student comes to learn, so it lives here, beside the other data sources.
 
-Also here: SHAPES_TEMPLATES, the zero-shot prompts for the shape names, and ShapesSegmentation,
-the same world seen as a segmentation benchmark (background = label 0).
+Also here: SHAPES_TEMPLATES, the zero-shot prompts for the shape names; ShapesSegmentation, the
+same world seen as a segmentation benchmark (background = label 0); and write_shapes_files, the
+world written to disk as real data comes (csv, a tar shard, class folders), so that the real-data
+path of train.py, eval_seg.py and the probes can be tried with no download.
 """
 
+import csv
+import io
+import os
 import re
+import tarfile
 
 import numpy as np
 import torch
+from PIL import Image
 
 # The K shape classes; mask id k + 1 <-> SHAPE_NAMES[k]. Each class stays itself under the
 # augmentations: rotation is limited where a large one would turn a shape into another (a square
@@ -424,3 +431,83 @@ class ShapesSegmentation(torch.utils.data.Dataset):
         if self.ignore:
             mask = torch.where(mask == 0, 255, mask - 1)
         return {"image": item["image"], "mask": mask, "name": f"{i:05d}"}
+
+
+# ------------------------------------------------------------------------------------------------
+# The shapes world written to disk in the real-data layouts, to try the real-data path (csv, tar shards,
+# class folders) with no download: python -m loaders.shapes OUT_DIR
+# ------------------------------------------------------------------------------------------------
+def write_shapes_files(out_dir, n_train=512, n_val=64, n_class=16, size=64, bad_samples=False, seed=0):
+    """Write the shapes world as real data would come:
+      train.csv + train/      n_train pairs of the train split (open_clip's csv: filepath,title)
+      val.csv + val/          n_val pairs of the val split (a held-out set for --val_data)
+      val_tar/000000.tar      the same val pairs as a webdataset shard (key.png + key.txt)
+      classes/train/<shape>/, classes/val/<shape>/   n_class single-object images per shape (the
+                              tune_single and val_single splits), the class-folder layout
+      classes/names.txt       the class names, one per folder in sorted order
+    bad_samples=True adds what the readers must skip and count: an unreadable image and an empty
+    caption in val.csv and in the shard, and an unreadable image in classes/val/circle/.
+    Returns {name: path} of what it wrote."""
+    def png(sample):
+        buf = io.BytesIO()
+        Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def write(path, payload):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(payload)
+
+    paths = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        data = ShapesDataset(split, size=size, length=n, seed=seed, cache=False)
+        rows = []
+        for i in range(n):
+            s = data[i]
+            write(os.path.join(out_dir, split, f"{i:06d}.png"), png(s))
+            rows.append((f"{split}/{i:06d}.png", s["caption"]))
+        if bad_samples and split == "val":
+            write(os.path.join(out_dir, split, "corrupt.png"), b"not an image")
+            rows += [(f"{split}/corrupt.png", "a corrupt image"), (f"{split}/{0:06d}.png", "")]
+        paths[f"{split}_csv"] = os.path.join(out_dir, f"{split}.csv")
+        with open(paths[f"{split}_csv"], "w", newline="") as f:
+            csv.writer(f).writerows([("filepath", "title"), *rows])
+        if split == "val":                                      # the same pairs as one tar shard
+            paths["val_tar"] = os.path.join(out_dir, "val_tar", "000000.tar")
+            os.makedirs(os.path.dirname(paths["val_tar"]), exist_ok=True)
+            with tarfile.open(paths["val_tar"], "w") as tar:
+                for j, (image, caption) in enumerate(rows):
+                    with open(os.path.join(out_dir, image), "rb") as f:
+                        members = {"png": f.read(), "txt": caption.encode("utf-8")}
+                    for ext, payload in members.items():
+                        info = tarfile.TarInfo(f"{j:06d}.{ext}")
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+    for split, source in (("train", "tune_single"), ("val", "val_single")):
+        data = ShapesDataset(source, size=size, length=n_class * len(SHAPE_NAMES), seed=seed, cache=False)
+        for i in range(len(data)):
+            s = data[i]
+            write(os.path.join(out_dir, "classes", split, SHAPE_NAMES[s["label"]], f"{i:06d}.png"), png(s))
+        paths[f"classes_{split}"] = os.path.join(out_dir, "classes", split)
+    if bad_samples:
+        write(os.path.join(out_dir, "classes", "val", SHAPE_NAMES[0], "corrupt.png"), b"not an image")
+    paths["classnames"] = os.path.join(out_dir, "classes", "names.txt")
+    with open(paths["classnames"], "w") as f:
+        f.write("\n".join(sorted(SHAPE_NAMES)) + "\n")
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Write the shapes world in the real-data layouts (csv, tar shard, "
+                                             "class folders): write_shapes_files.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--n_train", type=int, default=512)
+    ap.add_argument("--n_val", type=int, default=64)
+    ap.add_argument("--n_class", type=int, default=16, help="images per shape in each class-folder split")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--bad_samples", action="store_true", help="add corrupt images and empty captions")
+    args = ap.parse_args()
+    for name, path in write_shapes_files(args.out_dir, args.n_train, args.n_val, args.n_class, args.size,
+                                         args.bad_samples).items():
+        print(f"{name:14s} {path}")

@@ -516,3 +516,137 @@ def test_shapes_metrics_against_a_hand_built_classifier():
     sim = (im @ tx.T).tolist()
     assert m["i2t_r1"] == pytest.approx(naive_recall(sim, same, 1), abs=1e-6)
     assert m["t2i_r5"] == pytest.approx(naive_recall([list(r) for r in zip(*sim)], same, 5), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data: zero-shot top-1 / top-5, retrieval and its val loss, the training curves
+# ---------------------------------------------------------------------------------------------
+def test_topk_accuracy_hand_computed_with_ties():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.2, 0.0, 0.5, 0.4],    # true 1: best -> top-1 and top-5
+                           [0.8, 0.1, 0.7, 0.6, 0.5, 0.4, 0.3],    # true 6: 6th best -> neither
+                           [0.2, 0.2, 0.2, 0.9, 0.1, 0.0, 0.3],    # true 0: ties with 1 and 2, below 3 and 6:
+                                                                   #   4 wrong classes >= it -> rank 4: top-5 only
+                           [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])   # true 2: all tied -> rank 6: neither
+    labels = torch.tensor([1, 6, 0, 2])
+    assert eval_seg.topk_accuracy(scores, labels, ks=(1, 5)) == {1: 0.25, 5: 0.5}
+
+
+class PairsModel(torch.nn.Module):
+    """A stand-in CLIP that returns given embeddings: batch["images"] / ["tokens"] hold row indices."""
+
+    def __init__(self, img, txt, scale):
+        super().__init__()
+        self.img, self.txt, self.scale = img, txt, torch.tensor(scale)
+
+    def forward(self, images, tokens):
+        return self.img[images.flatten(1)[:, 0].long()], self.txt[tokens[:, 0].long()], self.scale, None
+
+
+def test_retrieval_and_val_loss_against_naive_loops_with_ties():
+    """A known similarity matrix with ties (embeddings on a coarse grid): R@1/5/10 both ways equal the
+    naive loop (ties against the query, the pair's own caption the only right answer, as open_clip);
+    the val loss is open_clip's: per batch the mean of the two cross-entropies, weighted by batch size."""
+    g = torch.Generator().manual_seed(0)
+    n, bs = 23, 10
+    img = F.normalize(torch.randint(-1, 2, (n, 3), generator=g).float() + 1e-3 * torch.arange(3), dim=-1)
+    txt = F.normalize(torch.randint(-1, 2, (n, 3), generator=g).float() + 1e-3 * torch.arange(3), dim=-1)
+    rows = [torch.arange(i, min(i + bs, n)) for i in range(0, n, bs)]       # each batch's row indices
+    batches = [{"images": r.view(-1, 1, 1, 1).float(), "tokens": r.view(-1, 1), "captions": [f"c{j}" for j in r.tolist()]}
+               for r in rows]
+    r = eval_seg.image_text_retrieval(PairsModel(img, txt, 5.0), batches, "cpu")
+    sim = (img @ txt.T).tolist()
+    eye = [[i == j for j in range(n)] for i in range(n)]
+    assert len({round(v, 6) for row in sim for v in row}) < n * n / 3          # many ties
+    for k in (1, 5, 10):
+        assert r[f"i2t_r{k}"] == pytest.approx(naive_recall(sim, eye, k), abs=1e-6)
+        assert r[f"t2i_r{k}"] == pytest.approx(naive_recall([list(c) for c in zip(*sim)], eye, k), abs=1e-6)
+    total = 0.0
+    for b in batches:
+        rows = b["tokens"].flatten().tolist()
+        for i in rows:                                   # image i against the batch's captions, and back
+            li = [5.0 * sim[i][j] for j in rows]
+            lt = [5.0 * sim[j][i] for j in rows]
+            ce = lambda lg, t: math.log(sum(math.exp(v) for v in lg)) - lg[t]     # noqa: E731
+            total += 0.5 * (ce(li, rows.index(i)) + ce(lt, rows.index(i)))
+    assert r["loss"] == pytest.approx(total / n, rel=1e-5) and r["pairs"] == n
+
+
+def test_zeroshot_classification_on_a_class_folder_against_a_hand_built_classifier(tmp_path):
+    """eval_seg.real_data_metrics on a class-folder tree (one corrupt image): top-1 / top-5 against a
+    classifier built by hand from the names file (max over synonyms) and a naive rank per image."""
+    import warnings
+    from data import CenterView
+    from loaders.classification import ClassFolderDataset
+    model, tok = tiny_model(), ByteTokenizer(32)
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
+    for c, colour in enumerate(colours):
+        for i in range(2):
+            Image.new("RGB", (24 + 8 * i, 20), tuple(v + 20 * i for v in colour)).save(tmp_path / f"x{c}_{i}.png")
+            os.makedirs(tmp_path / "t" / f"k{c}", exist_ok=True)
+            os.replace(tmp_path / f"x{c}_{i}.png", tmp_path / "t" / f"k{c}" / f"{i}.png")
+    (tmp_path / "t" / "k0" / "2.png").write_bytes(b"broken")
+    names = [["red", "crimson"], ["green"], ["blue"], ["yellow"], ["cyan", "teal"], ["magenta"]]
+    (tmp_path / "names.txt").write_text("\n".join(", ".join(n) for n in names) + "\n")
+    ds = ClassFolderDataset(str(tmp_path / "t"), str(tmp_path / "names.txt"), CenterView(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = eval_seg.real_data_metrics(model, tok, zeroshot_set=ds, templates="short", batch_size=5, progress=False)
+    templates = get_templates("short")
+    with torch.no_grad():
+        def text(name):
+            rows = [F.normalize(model.encode_text(tok([t.format(name)])), dim=-1)[0] for t in templates]
+            return F.normalize(torch.stack(rows).mean(0), dim=0)
+        hits1 = hits5 = 0
+        for i in range(len(ds)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                 # the corrupt image, skipped above already
+                item = ds[i]
+            if item is None:
+                continue
+            f = model.encode_image(item["image"][None])[0]
+            score = [max(float(f @ text(n)) for n in syn) for syn in names]
+            wrong_above = sum(s >= score[item["label"]] for c, s in enumerate(score) if c != item["label"])
+            hits1, hits5 = hits1 + (wrong_above < 1), hits5 + (wrong_above < 5)
+    assert m["zeroshot_images"] == 12 and m["zeroshot_skipped"] == 1
+    assert m["zeroshot_top1"] == pytest.approx(hits1 / 12) and m["zeroshot_top5"] == pytest.approx(hits5 / 12)
+    assert 0 < hits5 and hits1 < 12                         # the comparison is not trivially 0 or 1
+
+
+def test_training_curves_plot_the_logged_values(tmp_path):
+    """A synthetic log.jsonl (training records every 10 steps, evaluations every 50, one NaN, two runs):
+    every plotted point is a logged value at its step, at the pixel the panel's axes put it, drawn in
+    its run's colour; keys nobody logged get no panel; the PNG is written whole (no .tmp left)."""
+    log_a = [{"step": s, "lr": 1e-3 * s / 100, "contrastive": 5.0 - s / 50, "loss": 5.0, "samples_per_s": 1.0}
+             for s in range(10, 101, 10)]
+    log_a += [{"step": 50, "zeroshot_top1": 0.2, "val_i2t_r1": 0.1}, {"step": 100, "zeroshot_top1": 0.4,
+                                                                      "val_i2t_r1": float("nan")}]
+    log_b = [{"step": s, "lr": 5e-4, "contrastive": 4.0, "sd": 3.0 - s / 100} for s in (20, 40)]
+    for name, log in (("a", log_a), ("b", log_b)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.write("\n".join(json.dumps(r) for r in log) + "\n")
+    out = str(tmp_path / "curves.png")
+    points = eval_seg.save_curves([str(tmp_path / "a" / "log.jsonl"), str(tmp_path / "b" / "log.jsonl")], out)
+    assert os.path.exists(out) and not os.path.exists(out + ".tmp")
+    assert list(points) == ["contrastive", "sd", "lr", "zeroshot_top1", "val_i2t_r1"]     # CURVE_KEYS order
+    img = Image.open(out).convert("RGB")
+    colour = {"a": eval_seg.DISTINCT_COLOURS[0], "b": eval_seg.DISTINCT_COLOURS[1]}
+    for key, per_run in points.items():
+        for label, log in (("a", log_a), ("b", log_b)):
+            want = [(r["step"], r[key]) for r in log if key in r and math.isfinite(r[key])]
+            got = per_run.get(label, [])
+            assert [(t, v) for t, v, _, _ in got] == want, (key, label)
+        xs = [(t, x) for pts in per_run.values() for t, _, x, _ in pts]
+        ys = [(v, y) for pts in per_run.values() for _, v, _, y in pts]
+        # x is linear in the step from 0 (the panel's left edge) to the last step, 100, for every panel
+        (t0, x0), (t1, x1) = min(xs), max(xs)
+        assert all(abs(x - (x0 + (x1 - x0) * (t - t0) / (t1 - t0 or 1))) < 1e-6 for t, x in xs)
+        # y is linear and decreasing in the value
+        (v0, y0), (v1, y1) = min(ys), max(ys)
+        assert all(abs(y - (y0 + (y1 - y0) * (v - v0) / (v1 - v0 or 1))) < 1e-6 for v, y in ys) and (v1 == v0 or y1 < y0)
+    for key, per_run in points.items():
+        for label, pts in per_run.items():
+            for _, _, x, y in pts:
+                assert img.getpixel((round(x), round(y))) == colour[label], (key, label)
+    with pytest.raises(ValueError, match="nothing to draw"):
+        eval_seg.draw_curves({"x": [{"step": 1, "other": 2.0}]})

@@ -425,3 +425,99 @@ def test_shortcut_statistics_by_hand_and_a_world_that_gives_itself_away():
     r = shortcut.measure(train.resolve_method_defaults(train.parse_args(["--method=silc", "--n_local_crops=2"])),
                          n_images=16)
     assert 0 <= r["top1"] <= 1 and r["chance"] == 1 / 16 and r["n_local"] == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# linprobe.py: linear-probe and few-shot classification on frozen image embeddings
+# ---------------------------------------------------------------------------------------------
+def test_logistic_fit_equals_naive_gradient_descent():
+    """probe.fit_logistic (L-BFGS on standardised features, folded back) against plain gradient descent
+    written here on the same objective (mean cross-entropy + wd |W|^2 on standardised features): the
+    same W and, up to the constant that no softmax sees, the same b."""
+    from experiments import linprobe
+    g = torch.Generator().manual_seed(0)
+    n, E, C, wd = 30, 4, 3, 0.05
+    X = torch.randn(n, E, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2, 1.0], dtype=torch.float64) + 2
+    y = torch.randint(0, C, (n,), generator=g)
+    W, b = linprobe.fit(X, y, C, wd)
+    m, s = X.mean(0), X.std(0)
+    Z = (X - m) / s
+    Wz = torch.zeros(C, E, dtype=torch.float64)
+    bz = torch.zeros(C, dtype=torch.float64)
+    Y = torch.nn.functional.one_hot(y, C).double()
+    for _ in range(20000):                                  # gradient by hand: (softmax - Y) / n, + 2 wd W
+        P = torch.softmax(Z @ Wz.T + bz, dim=1)
+        Wz -= 0.5 * ((P - Y).T @ Z / n + 2 * wd * Wz)
+        bz -= 0.5 * (P - Y).mean(0)
+    W_ref, b_ref = Wz / s, bz - (Wz / s) @ m
+    assert (W.double() - W_ref).abs().max() < 1e-4
+    assert ((b.double() - b.double().mean()) - (b_ref - b_ref.mean())).abs().max() < 1e-4
+
+
+def test_linear_probe_protocol_on_separable_toy_features():
+    """Well separated clusters (one per class): the probe and every few-shot draw get val right; the
+    held-out split is 20% of each class, disjoint from the fitted part; the chosen wd's held-out score
+    is recomputed by hand; k-shot draws hold k images per class from the fitted part only."""
+    from experiments import linprobe
+    g = torch.Generator().manual_seed(1)
+    C, E = 6, 8
+    centres = 3 * torch.nn.functional.normalize(torch.randn(C, E, generator=g), dim=-1)
+    def cloud(per_class):
+        y = torch.arange(C).repeat_interleave(per_class)
+        return centres[y] + 0.1 * torch.randn(len(y), E, generator=g), y
+    (tr_f, tr_y), (va_f, va_y) = cloud(15), cloud(5)
+    fit_idx, held_idx = linprobe.split_holdout(tr_y, seed=0)
+    assert set(fit_idx.tolist()).isdisjoint(held_idx.tolist()) and len(fit_idx) + len(held_idx) == len(tr_y)
+    assert torch.bincount(tr_y[held_idx]).tolist() == [3] * C                 # round(0.2 * 15) per class
+    shots = linprobe.draw_shots(tr_y, fit_idx, 5, torch.Generator().manual_seed(0))
+    assert torch.bincount(tr_y[shots]).tolist() == [5] * C and set(shots.tolist()) <= set(fit_idx.tolist())
+    r = linprobe.run_linprobe(tr_f, tr_y, va_f, va_y, C, shots=(1, 5), draws=2, grid=(1e-3, 1e-1))
+    assert r["linear"]["top1"] == 1.0 and r["linear"]["top5"] == 1.0
+    assert r["fewshot"]["1"]["top1_draws"] == [1.0, 1.0] and r["fewshot"]["5"]["top1_mean"] == 1.0
+    wd = r["linear"]["wd"]
+    W, b = linprobe.fit(tr_f[fit_idx], tr_y[fit_idx], C, wd)
+    hand = ((tr_f[held_idx] @ W.T + b).argmax(1) == tr_y[held_idx]).float().mean().item()
+    assert r["linear"]["wd_holdout_top1"][wd] == pytest.approx(hand)
+    assert wd == 1e-1                                        # both perfect on held-out: ties -> the larger wd
+    # a harder problem, where the classes overlap: accuracy well below 1 but above chance
+    noisy = (centres[va_y] + 3 * torch.randn(len(va_y), E, generator=g), va_y)
+    r = linprobe.run_linprobe(tr_f + 3 * torch.randn(tr_f.shape, generator=g), tr_y, *noisy, C, shots=(), grid=(1e-2,))
+    assert 1 / C < r["linear"]["top1"] < 1.0
+
+
+def test_linprobe_and_curves_commands(tmp_path):
+    """python -m experiments.linprobe on the shapes world written as class folders (a random tiny
+    checkpoint: the numbers are whatever they are, the JSON must hold them all), and the curves command."""
+    from PIL import Image
+    from experiments import curves, linprobe
+    from loaders.shapes import write_shapes_files
+    paths = write_shapes_files(str(tmp_path / "data"), n_train=2, n_val=2, n_class=3, size=32, bad_samples=True)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(image_size=32, patch_size=8, stem="linear", vision_width=32, vision_layers=1,
+                     vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16)
+    torch.save({"model": CLIP(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)}, tmp_path / "ckpt.pt")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        r = linprobe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train", paths["classes_train"], "--val",
+                           paths["classes_val"], "--shots", "1,2", "--draws", "2", "--num_workers", "0",
+                           "--device", "cpu"])
+    saved = json.loads((tmp_path / "linprobe.json").read_text())
+    assert saved["num_train"] == 24 and saved["num_val"] == 24 and saved["skipped"] == {"train": 0, "val": 1}
+    assert saved["classes"] == 8 and set(saved["fewshot"]) == {"1", "2"}
+    assert len(saved["fewshot"]["2"]["top1_draws"]) == 2
+    assert 0 <= saved["linear"]["top1"] <= saved["linear"]["top5"] <= 1
+    assert saved["linear"]["top1"] == r["linear"]["top1"] and saved["linear"]["wd"] in linprobe.WD_GRID
+    for c in ("x", "y"):
+        os.makedirs(tmp_path / "other" / c)
+        Image.new("RGB", (8, 8)).save(tmp_path / "other" / c / "0.png")
+    with pytest.raises(SystemExit):                          # different class folders in train and val
+        linprobe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train", paths["classes_train"],
+                       "--val", str(tmp_path / "other"), "--num_workers", "0", "--device", "cpu"])
+    log = tmp_path / "run" / "log.jsonl"
+    os.makedirs(log.parent)
+    log.write_text("\n".join(json.dumps({"step": s, "lr": 0.1, "contrastive": 1.0 / s, "samples_per_s": 1})
+                             for s in (1, 2, 3)) + "\n" + json.dumps({"step": 3, "zeroshot_top1": 0.5}) + "\n")
+    points = curves.main([str(log), str(log), "--out", str(tmp_path / "c.png"), "--labels", "a,b"])
+    assert (tmp_path / "c.png").exists() and set(points["contrastive"]) == {"a", "b"}
+    assert [v for _, v, _, _ in points["contrastive"]["a"]] == [1.0, 0.5, 1.0 / 3]
+    with pytest.raises(SystemExit):
+        curves.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -451,3 +452,68 @@ def test_shipped_class_name_files():
     assert read_class_names(CLASSNAMES_DIR / "voc21.txt")[1:] == \
         read_class_names(CLASSNAMES_DIR / "voc20.txt")
     assert len(OPENAI_TEMPLATES) == len(set(OPENAI_TEMPLATES)) == 80
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation sets: class folders, held-out image-text pairs, the shapes world written to disk
+# ------------------------------------------------------------------------------------------------
+def test_class_folder_labels_names_and_bad_input(tmp_path):
+    from loaders.classification import ClassFolderDataset
+    for folder, n in (("b_dog", 2), ("a_cat", 1), ("c", 3)):
+        for i in range(n):
+            save_image(tmp_path / "t" / folder / f"{i}.JPEG", 4, 5)          # ImageNet's upper-case extension
+    (tmp_path / "t" / "c" / "notes.txt").write_text("not an image")           # ignored: not an image file
+    (tmp_path / "t" / "c" / "9.png").write_bytes(b"corrupt")
+    ds = ClassFolderDataset(str(tmp_path / "t"))
+    assert ds.classes == ["a_cat", "b_dog", "c"] and ds.class_names == [["a cat"], ["b dog"], ["c"]]
+    assert [label for _, label in ds.samples] == [0, 1, 1, 2, 2, 2, 2] and len(ds) == 7
+    s = ds[1]
+    assert s["label"] == 1 and s["image"].shape == (3, 4, 5) and s["image"].dtype == torch.uint8
+    before = sum(SKIPPED.values())
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert ds[6] is None                                                # 9.png, after 0..2.JPEG: corrupt
+    assert sum(SKIPPED.values()) == before + 1
+    (tmp_path / "names.txt").write_text("cat, kitty\ndog\nthing\n")
+    ds = ClassFolderDataset(str(tmp_path / "t"), str(tmp_path / "names.txt"), max_per_class=1)
+    assert ds.class_names == [["cat", "kitty"], ["dog"], ["thing"]] and len(ds) == 3
+    (tmp_path / "names2.txt").write_text("cat\ndog\n")
+    with pytest.raises(ValueError, match="names 2 classes but .* has 3 class folders"):
+        ClassFolderDataset(str(tmp_path / "t"), str(tmp_path / "names2.txt"))
+    os.makedirs(tmp_path / "t" / "d_empty")
+    with pytest.raises(ValueError, match="d_empty holds no images"):
+        ClassFolderDataset(str(tmp_path / "t"))
+    with pytest.raises(FileNotFoundError):
+        ClassFolderDataset(str(tmp_path / "nope"))
+
+
+def test_eval_sets_read_every_pair_once_and_count_the_bad_ones(tmp_path):
+    """write_shapes_files' val set with its bad samples: the csv reader gives None for the corrupt image
+    and the empty caption (no replacement row: a pair must not count twice), the tar reader skips them;
+    data.EvalBatches reads every good pair once, in order, with 0 or 2 workers, and counts 2 skipped."""
+    from data import EvalBatches
+    from loaders.imagetext import build_eval_dataset
+    from loaders.shapes import write_shapes_files
+    paths = write_shapes_files(str(tmp_path), n_train=4, n_val=6, n_class=1, size=32, bad_samples=True)
+    val = ShapesDataset("val", size=32, length=6)
+    want = [val[i]["caption"] for i in range(6)]
+    csv_ds = build_eval_dataset(paths["val_csv"])
+    assert len(csv_ds) == 8
+    with pytest.warns(RuntimeWarning):
+        assert csv_ds[6] is None and csv_ds[7] is None
+    assert torch.equal(csv_ds[0]["image"], val[0]["image"])                # PNG is lossless
+    for ds in (csv_ds, build_eval_dataset(os.path.dirname(paths["val_tar"]))):
+        for workers in (0, 2):
+            batches = EvalBatches(ds, batch_size=3, num_workers=workers)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                caps = [c for b in batches for c in b["captions"]]
+            assert caps == want and batches.skipped == 2, (type(ds).__name__, workers)
+    with pytest.raises(ValueError, match="own evaluation"):
+        build_eval_dataset("shapes")
+    with pytest.raises(FileNotFoundError):
+        build_eval_dataset(str(tmp_path / "missing_dir"))
+    # the class folders: 1 image per shape and split, names in sorted folder order
+    from loaders.classification import ClassFolderDataset
+    cls = ClassFolderDataset(paths["classes_val"], paths["classnames"])
+    assert [n[0] for n in cls.class_names] == cls.classes == sorted(shapes.SHAPE_NAMES) and len(cls) == 9
+

@@ -486,3 +486,189 @@ def test_train_init_from_open_clip(open_clip, tmp_path):
     out = run_init_from(tmp_path, path, open_clip.tokenizer.default_bpe(), "silc", image_size=32)
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["model_config"]["eot_token_id"] == 49407
+    # ... and goes back to open_clip complete: a BPE model needs nothing of ours, tokenizer included
+    from loaders.pretrained import export_open_clip, load_model_from_checkpoint
+    written = export_open_clip(str(out / "ckpt.pt"), str(tmp_path / "back"))
+    assert written["tokenizer"]["kind"] == "bpe" and "WRONG" not in written["text_note"]
+    back = open_clip.create_model(f"local-dir:{tmp_path / 'back'}").eval()
+    tokens = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'back'}")(CAPTIONS)
+    ours, _ = load_model_from_checkpoint(str(out / "ckpt.pt"), bpe_path=open_clip.tokenizer.default_bpe())
+    assert_same_embeddings(back, ours, torch.randn(2, 3, 32, 32), tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, read without the package
+# ----------------------------------------------------------------------------------------------
+def write_safetensors_by_hand(path, tensors, header=None, pad=0):
+    """The format written out by hand: 8-byte little-endian header length, JSON header, raw bytes."""
+    import json
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    meta, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        meta[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header if header is not None else meta).encode() + b" " * pad
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_safetensors_read_every_dtype_and_refuse_malformed_headers(tmp_path):
+    from loaders.pretrained import read_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f64": torch.randn(2, 3, generator=g, dtype=torch.float64), "f32": torch.randn(4, generator=g),
+               "f16": torch.randn(3, 1, generator=g).half(), "bf16": torch.randn(5, generator=g).bfloat16(),
+               "i64": torch.tensor([-(2 ** 40), 7]), "i32": torch.tensor([[1, -2]], dtype=torch.int32),
+               "i8": torch.tensor([-3], dtype=torch.int8), "u8": torch.tensor([250], dtype=torch.uint8),
+               "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    path = str(tmp_path / "m.safetensors")
+    write_safetensors_by_hand(path, tensors, pad=5)                 # the header may be space-padded
+    got = read_safetensors(path)
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    assert read_state_dict(path).keys() == tensors.keys()          # by its extension
+    # malformed files: each a clear ValueError
+    def bad(name, content=None, header=None):
+        p = str(tmp_path / f"{name}.safetensors")
+        if content is not None:
+            open(p, "wb").write(content)
+        else:
+            write_safetensors_by_hand(p, {"a": torch.zeros(2), "b": torch.zeros(3)}, header=header)
+        return p
+    ok = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]}}
+    cases = {
+        "too short for a safetensors header": bad("short", b"\x01\x02"),
+        "header length 10000 does not fit": bad("long", (10000).to_bytes(8, "little") + b"{}"),
+        "is not JSON": bad("json", (4).to_bytes(8, "little") + b"{,,}"),
+        "not a JSON object": bad("list", (2).to_bytes(8, "little") + b"[]"),
+        "malformed entry": bad("dtype", header={**ok, "a": {**ok["a"], "dtype": "F7"}}),
+        "malformed entry ": bad("shape", header={**ok, "a": {**ok["a"], "shape": [-2]}}),
+        "data_offsets \\[0, 12\\]": bad("size", header={**ok, "a": {**ok["a"], "data_offsets": [0, 12]}}),
+        "overlap or gap": bad("overlap", header={"a": ok["a"], "b": {**ok["b"], "data_offsets": [4, 16]}}),
+        "cover 8 of the 20": bad("tail", header={"a": ok["a"]}),
+    }
+    for message, p in cases.items():
+        with pytest.raises(ValueError, match=message.strip()):
+            read_safetensors(p)
+
+
+def test_safetensors_written_by_the_package_read_as_the_bin(tmp_path):
+    """open_clip's hub files are written by the safetensors package: read here without it, they give the
+    same tensors as the .bin of the same state dict (an open_clip model's, plus other dtypes), and the
+    same converted model."""
+    if os.environ.get("REQUIRE_OPEN_CLIP") == "1":
+        import safetensors.torch as st                 # CI's side venv installs it (requirements-parity.txt)
+    else:
+        st = pytest.importorskip("safetensors.torch", reason="the safetensors package is an optional test dependency")
+    from loaders.pretrained import read_safetensors
+    sd = random_openai_state_dict()
+    sd.update({"extra.bf16": torch.randn(3, 2).bfloat16(), "extra.f16": torch.randn(4).half(),
+               "extra.i64": torch.arange(5), "extra.f64": torch.randn(2, dtype=torch.float64),
+               "extra.bool": torch.tensor([True, False])})
+    st.save_file(sd, str(tmp_path / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    a = read_safetensors(str(tmp_path / "open_clip_model.safetensors"))
+    b = read_state_dict(str(tmp_path / "open_clip_pytorch_model.bin"))
+    assert a.keys() == b.keys() == sd.keys()
+    for k in sd:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    weights = {k: v for k, v in a.items() if not k.startswith("extra.")}
+    config, ours = convert_state_dict(weights, text_heads=2)
+    assert config == convert_state_dict({k: v for k, v in b.items() if not k.startswith("extra.")}, text_heads=2)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: a train.py checkpoint as an open_clip model
+# ----------------------------------------------------------------------------------------------
+def test_export_is_the_import_read_backwards(tmp_path):
+    """to_open_clip_state_dict then convert_state_dict gives back every tensor (the mask token, training
+    only, is dropped and comes back as zeros) and the config; the conv stem is refused with a message."""
+    from loaders.pretrained import open_clip_model_cfg, to_open_clip_state_dict
+    config = model_config("tiny", stem="linear", act="quick_gelu", init_logit_bias=-10.0, text_heads=2)
+    torch.manual_seed(0)
+    model = CLIP(config)
+    with torch.no_grad():
+        model.visual.mask_token.normal_()
+    sd = to_open_clip_state_dict(model.state_dict())
+    assert "visual.mask_token" not in sd and sd["visual.proj"].shape == (128, 128) and sd["logit_bias"].shape == ()
+    assert torch.equal(sd["visual.proj"], model.visual.proj.weight.T)
+    back_config, back = convert_state_dict(sd, act="quick_gelu", vision_heads=4, text_heads=2, eot_token_id=2)
+    assert replace(back_config, init_logit_scale=config.init_logit_scale, init_logit_bias=-10.0) == config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v if k != "visual.mask_token" else torch.zeros_like(v)), k
+    cfg = open_clip_model_cfg(config)
+    assert cfg["vision_cfg"]["head_width"] == 32 and cfg["text_cfg"]["heads"] == 2 and cfg["quick_gelu"]
+    assert cfg["text_cfg"]["pool_type"] == "eos" and cfg["text_cfg"]["eos_id"] == 2 and cfg["init_logit_bias"] == -10.0
+    with pytest.raises(ValueError, match="--stem=linear"):
+        open_clip_model_cfg(model_config("tiny"))
+    # the command's function on a checkpoint file: training-only parts left behind, the teacher on request
+    from dataclasses import asdict
+    from loaders.pretrained import export_open_clip
+    teacher = {k: v + 1.0 for k, v in model.state_dict().items() if k.startswith("visual.")}
+    ckpt = {"model": model.state_dict(), "model_config": asdict(config), "teacher": teacher,
+            "extra": {"head.w": torch.ones(3)}, "tokenizer": {"kind": "byte", "context_length": 64}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    for who in ("student", "teacher"):
+        written = export_open_clip(str(tmp_path / "ckpt.pt"), str(tmp_path / who), teacher=who == "teacher")
+        got = torch.load(tmp_path / who / "open_clip_pytorch_model.bin", weights_only=True)
+        want = to_open_clip_state_dict({**ckpt["model"], **(teacher if who == "teacher" else {})})
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert written["model_cfg"] == cfg and written["tokenizer"]["kind"] == "byte"
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        torch.save(sd, tmp_path / "plain.bin")
+        export_open_clip(str(tmp_path / "plain.bin"), str(tmp_path / "x"))
+
+
+def train_and_export(tmp_path, name, *flags):
+    """A few train.py steps (not a random init), then the export command -> (run dir, export dir)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run, out = tmp_path / name, tmp_path / f"{name}_open_clip"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--out_dir={run}", "--steps=3",
+                        "--batch_size=8", "--eval=False", "--num_workers=0", "--warmup_steps=1", "--lr=3e-3", *flags],
+                       cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    p = subprocess.run([sys.executable, "-m", "loaders.pretrained", "export", str(run / "ckpt.pt"), str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0 and "WRONG ids" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    return run, out
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("tiny", ["--stem=linear"]),                                     # the CPU default size, linear stem
+    ("custom", ["--stem=linear", "--patch_size=4", "--image_size=32", "--vision_width=96", "--vision_layers=2",
+                "--text_width=64", "--text_layers=2", "--embed_dim=48", "--loss=sigmoid", "--method=silc",
+                "--n_local_crops=2", "--head_hidden=32", "--head_bottleneck=16", "--head_out=64",
+                "--data=shapes", "--tokenizer=byte"]),
+])
+def test_exported_model_gives_our_embeddings_in_open_clip(open_clip, tmp_path, name, flags):
+    """open_clip.create_model_and_transforms('local-dir:...') on the exported folder of a trained
+    checkpoint: the same image and text embeddings as ours (max abs difference <= 1e-4), with this
+    project's tokenizer for the text (recorded in the config); the SigLIP bias and the logit scale
+    come through; open_clip's preprocessing is told our mean, std and size."""
+    import json
+    from loaders.pretrained import load_model_from_checkpoint, tokenizer_from_state
+    run, out = train_and_export(tmp_path, name, *flags)
+    oc_model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    oc_model.eval()
+    ours, tok = load_model_from_checkpoint(str(run / "ckpt.pt"))
+    start = CLIP(ours.config).state_dict()                          # (a fresh init, to check training moved it)
+    assert not torch.equal(start["text.proj.weight"], ours.state_dict()["text.proj.weight"])
+    written = json.loads((out / "open_clip_config.json").read_text())
+    tok2 = tokenizer_from_state(written["tokenizer"])
+    S = ours.config.image_size
+    images = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(0))
+    captions = ["a photo of a red star.", "two circles and a cross", "", "x" * 200]
+    tokens = tok2(captions)
+    assert torch.equal(tokens, tok(captions))
+    assert_same_embeddings(oc_model, ours, images, tokens)
+    assert oc_model.logit_scale.item() == pytest.approx(ours.logit_scale.item(), abs=1e-6)
+    if "--loss=sigmoid" in flags:
+        assert oc_model.logit_bias.item() == pytest.approx(ours.logit_bias.item(), abs=1e-6)
+    assert f"size=({S}, {S})" in str(preprocess) or f"size={S}" in str(preprocess)

@@ -164,12 +164,71 @@ def run_worker(out_dir, cases, nproc):
     return p
 
 
+def real_eval_cases(data_dir):
+    """CLIP on a csv of shapes images, evaluated on held-out pairs (csv, or a tar shard) and on a class-folder
+    tree every 2 steps and at the end; the val sets hold a corrupt image and an empty caption, the
+    class folders one corrupt image (loaders.shapes.write_shapes_files)."""
+    from loaders.shapes import write_shapes_files
+    paths = write_shapes_files(str(data_dir), n_train=16, n_val=10, n_class=2, size=32, bad_samples=True)
+    args = DDP_BASE + ["--method=clip", f"--data={paths['train_csv']}", f"--zeroshot_data={paths['classes_val']}",
+                       f"--zeroshot_classnames={paths['classnames']}", "--zeroshot_templates=short",
+                       "--eval_interval=2", "--eval=True", "--image_size=32", "--eval_batch_size=4"]
+    return [{"name": "eval_csv", "args": args + [f"--val_data={paths['val_csv']}"]},
+            {"name": "eval_tar", "args": args + [f"--val_data={os.path.dirname(paths['val_tar'])}"]}]
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_train")
-    run_worker(root / "one", DDP_CASES, nproc=1)
-    p = run_worker(root / "two", DDP_CASES + [NAN_CASE], nproc=2)
+    eval_cases = real_eval_cases(root / "data")
+    run_worker(root / "one", DDP_CASES + eval_cases, nproc=1)
+    p = run_worker(root / "two", DDP_CASES + eval_cases + [NAN_CASE], nproc=2)
     return root, p
+
+
+@pytest.mark.parametrize("case", ["eval_csv", "eval_tar"])
+def test_real_data_evaluation_during_training_is_logged_and_the_same_under_torchrun(ddp_runs, case):
+    """--val_data (csv or tar shards) and --zeroshot_data evaluated every --eval_interval steps and at the
+    end: each evaluation is a log.jsonl record with its step, every sample read once (10 pairs, 16 images)
+    and the bad ones counted (2 and 1) apart from the training data's count, curves.png drawn; and with
+    2 processes (rank 0 evaluates alone, every sample) the metrics equal 1 process's."""
+    root, _ = ddp_runs
+    evals = {}
+    for world in ("one", "two"):
+        with open(root / world / case / "log.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        evals[world] = [r for r in records if "val_i2t_r1" in r]
+        assert [r["step"] for r in evals[world]] == [2, 3]
+        assert all(r["skipped"] == 0 for r in records if "samples_per_s" in r)      # training data: none bad
+        assert (root / world / case / "curves.png").exists()
+    for a, b in zip(evals["one"], evals["two"]):
+        assert a.keys() == b.keys() and {"val_t2i_r10", "val_contrastive", "zeroshot_top5"} <= a.keys()
+        assert (a["val_pairs"], a["val_skipped"], a["zeroshot_images"], a["zeroshot_skipped"]) == (10, 2, 16, 1)
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    metrics = json.loads((root / "one" / case / "metrics.json").read_text())
+    assert metrics == {**evals["one"][-1], "step": 3}
+
+
+def test_an_eval_interval_without_an_eval_set_and_bad_eval_sets_are_clear_errors(tmp_path):
+    from loaders.shapes import write_shapes_files
+    paths = write_shapes_files(str(tmp_path), n_train=2, n_val=2, n_class=1, size=32)
+    cases = {
+        "has no evaluation set": [f"--data={paths['train_csv']}", "--eval_interval=5"],
+        "not found": [f"--zeroshot_data={tmp_path / 'nope'}"],
+        "names 2 classes but": [f"--zeroshot_data={paths['classes_val']}", f"--zeroshot_classnames={tmp_path / 'two.txt'}"],
+        "which is not given": [f"--zeroshot_classnames={paths['classnames']}"],
+        "unknown templates": [f"--zeroshot_data={paths['classes_val']}", "--zeroshot_templates=fancy"],
+        "own evaluation": ["--val_data=shapes"],
+    }
+    (tmp_path / "two.txt").write_text("circle\nsquare\n")                   # 2 names for 8 class folders
+    for message, args in cases.items():
+        with pytest.raises(SystemExit) as e:
+            train.build_eval_sets(train.parse_args(args))
+        assert message in str(e.value.code), (message, e.value.code)
+    ok = train.build_eval_sets(train.parse_args([f"--data={paths['train_csv']}", "--eval_interval=5",
+                                                 f"--val_data={paths['val_csv']}"]))
+    assert ok["zeroshot_set"] is None and len(ok["val_set"]) == 2
 
 
 @pytest.mark.parametrize("case", [c["name"] for c in DDP_CASES])
@@ -624,13 +683,19 @@ def test_clip_views_control_and_patch_loss_on_all_tokens():
 def test_the_teacher_is_evaluated_and_checkpoints_carry_their_tokenizer(tmp_path):
     """A self-distillation run's metrics.json has the EMA teacher's measures beside the student's (the
     teacher's image tower with the student's text tower), the shapes8 headline for every readout and
-    the chance level; the checkpoint records its word-level tokenizer, so eval_seg and probe rebuild it,
-    and teacher=True loads the teacher's image tower."""
+    the chance level, and so does every evaluation in log.jsonl (--eval_interval); the checkpoint records
+    its word-level tokenizer, so eval_seg and probe rebuild it, and teacher=True loads the teacher's
+    image tower."""
     from data import WordTokenizer
     from loaders.pretrained import load_model_from_checkpoint
     run_train(tmp_path / "run", "--method=silc", "--steps=2", "--batch_size=8", "--n_local_crops=2", "--eval=True",
-              "--eval_samples=16", "--image_size=32")
+              "--eval_samples=16", "--image_size=32", "--eval_interval=1")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # every evaluation in log.jsonl with its step (the one at step 1, the final one), and the curves drawn
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "zeroshot_acc" in r]
+    assert [r["step"] for r in evals] == [1, 2] and evals[-1] == {k: v for k, v in m.items()}
+    assert "teacher_shapes8_best" in evals[0] and (tmp_path / "run" / "curves.png").exists()
     for who in ("", "teacher_"):
         for k in ("zeroshot_acc", "i2t_r1", "shapes8_naive", "shapes8_sclip", "shapes8_best", "shapes9_clearclip"):
             assert who + k in m, who + k
