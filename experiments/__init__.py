@@ -1,5 +1,6 @@
 """The measuring scripts, beside the reading path: run each from the repository root as
 `python -m experiments.<script>`.
   bench   what one training step of each method costs (train.train_step itself), and its MFU
+  loaderbench  what the data pipeline alone delivers (decoding, crops, batching), per CPU core
   ablate  the methods against each other over seeds, with paired differences, tables and charts
   probe   a dense linear probe of the patch features that zero-shot segmentation reads"""
