@@ -252,6 +252,14 @@ def conv_stem_channels(width: int, patch_size: int) -> list[int]:
     return [max(width // 2 ** (n - i), 8) for i in range(n)]
 
 
+def channels_last(w: torch.Tensor) -> torch.Tensor:
+    """A copy of a conv weight [O, C, kh, kw] in channels-last memory, with the canonical channels-last
+    strides (kh kw C, 1, kw C, C) even where kh = kw = 1. Tensor.contiguous(memory_format=channels_last)
+    leaves a [O, C, 1, 1] tensor's strides (C, 1, 1, 1) as they are: the same memory, but not the
+    strides that channels-last kernels give its gradient."""
+    return w.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
+
+
 class ConvStem(nn.Sequential):
     """Early convolutions (Xiao et al. 2021): log2(p) x [3x3 conv stride 2 -> LayerNorm -> ReLU] -> 1x1 conv.
 
@@ -269,6 +277,28 @@ class ConvStem(nn.Sequential):
             c_in = c_out
         layers.append(nn.Conv2d(c_in, width, kernel_size=1))
         super().__init__(*layers)
+
+    def channels_last_(self):
+        """Give the convs that read channels-last activations (all but the first) channels-last weights,
+        in place. train.build_student calls it on GPUs and under torch.compile.
+
+        From the first LayerNorm on, every activation here is channels-last in memory (ChannelLayerNorm
+        normalises the last axis of [B, H, W, C]). From such inputs the GPU's convolutions (cuDNN) and
+        the compiled backward (inductor, on CPUs too: SILC's 1x1 conv gradient, summed over the global
+        and the local crops, comes back as (C, 1, C, C)) return channels-last weight gradients, and a
+        gradient must take its parameter's strides: with contiguous weights, autograd copies each such
+        3x3 gradient into the parameter's layout, and the 1x1 conv's gradient, the same memory in strides
+        that differ only on its size-1 axes, makes DDP warn "Grad strides do not match bucket view
+        strides" (DDP compares strides literally). With channels-last weights, weights, gradients and
+        DDP's buckets share one layout. The first conv reads the image, contiguous, and keeps a
+        contiguous weight.
+        Not in eager mode on a CPU: there oneDNN returns each weight gradient in its weight's own layout,
+        so contiguous weights already agree, and a reduction over a channels-last gradient (the norm of
+        gradient clipping) adds in another order: the CPU default run would no longer repeat bit for
+        bit (docs/benchmarks.md)."""
+        for conv in [m for m in self if isinstance(m, nn.Conv2d)][1:]:
+            conv.weight.data = channels_last(conv.weight.data)
+        return self
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:

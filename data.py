@@ -15,7 +15,8 @@ embedded shapes world (loaders/shapes.py), open_clip's csv files or webdataset t
    longer than L is cut and the EOT is put back as the last id: it must never be lost.
    (Public CLIP weights come with their BPE tokenizer, loaders/pretrained.py: same interface.)
 
-2. Images: one loader (any file to uint8 RGB) and one normaliser (CLIP's mean and std):
+2. Images: one decoder (any file to uint8 RGB; photos straight to a square working size, with
+   JPEG draft mode, see decode_image) and one normaliser (CLIP's mean and std):
    x = (pixel / 255 - mean) / std. Bad input is skipped and counted (`skip`), never a crash.
 
 3. Views. SILC (Naeem et al. 2023, arXiv 2310.13355) borrows DINO's multi-crop (Caron et al. 2021):
@@ -33,6 +34,13 @@ embedded shapes world (loaders/shapes.py), open_clip's csv files or webdataset t
    All crops of one resolution are resampled by ONE bilinear F.grid_sample call (per-op overhead
    dominates at 64 px); a big photo is first shrunk once with antialiasing, so that no crop is
    downscaled by much more than 2x, where plain bilinear sampling does not alias.
+
+   Where the pixels are cut: MultiCrop draws a sample's random numbers (boxes, flips, colour factors)
+   in the DataLoader worker, from the sample's own seeded generator, and `MultiCrop.views` does the
+   pixel work for a whole batch, one resampling call per resolution. It runs in the worker (a batch
+   of one: the CPU default, where the workers are the parallelism), or in the training step on the
+   GPU (train.py --crops=device), so that the workers only decode. Same code, same numbers: the
+   same crops either way.
 
    Which augmentations are on, and why:
    * Global crops are paired with the caption (SILC computes the contrastive loss for each global
@@ -167,13 +175,42 @@ class WordTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Images: one loader, one normaliser, and the count of what was skipped
+# 2. Images: one decoder, one normaliser, and the count of what was skipped
 # ------------------------------------------------------------------------------------------------
-def load_image(source) -> torch.Tensor:
-    """A path or file object -> uint8 [3, H, W] RGB tensor (palette, grey, alpha all become RGB)."""
+def decode_image(source, working_size: int = 0, draft: bool = True):
+    """A path or file object -> (uint8 [3, h, w] RGB tensor, (H, W) of the stored image). Palette, grey
+    and alpha images all become RGB.
+
+    working_size > 0: the image comes at working_size x working_size, whatever its aspect. Its crops
+    are placed in the stored frame (H, W) and sampled in normalised coordinates (crop_and_resize), so a
+    squeezed copy serves them as well as the photo would, provided it has the pixels they need:
+    MultiCrop asks for twice its training size, so that no crop is shrunk by much more than 2x.
+    Two things make it fast:
+      * JPEG draft mode: libjpeg downscales in the DCT domain while decoding, by 1/2, 1/4 or 1/8, to the
+        smallest size that still has >= working_size pixels on both sides. A 4000 x 3000 photo for a
+        448-px working size decodes at 1000 x 750, 16x fewer pixels. (A photo under twice the working
+        size on its short side decodes at full size: there is no smaller scale to use.)
+      * then ONE antialiased resize to the working size, in uint8: torch's bilinear filter with
+        antialiasing, as in shrink_short_side (it widens with the shrink factor, so every source pixel
+        is averaged in, none skipped), which reads the decoded [h, w, 3] array in place.
+    A worker's memory is bounded by the draft size (at most about 2x the working size per side for a
+    JPEG): no float copy of the photo, and no second copy at its decoded size, is made.
+    draft=False decodes in full before the resize (what experiments/loaderbench.py compares with)."""
     with Image.open(source) as im:
-        arr = np.asarray(im.convert("RGB"))                 # [H, W, 3] uint8
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        frame = (im.height, im.width)
+        if working_size > 0 and draft:
+            im.draft("RGB", (working_size, working_size))   # JPEG only; other formats ignore it
+        arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))   # [h, w, 3] uint8 (a writable copy)
+    x = torch.from_numpy(arr).permute(2, 0, 1)                         # [3, h, w], a view (channels-last)
+    if working_size > 0 and tuple(x.shape[-2:]) != (working_size, working_size):
+        x = F.interpolate(x[None], size=(working_size, working_size), mode="bilinear", antialias=True,
+                          align_corners=False)[0]                      # uint8 [3, R, R]
+    return x.contiguous(), frame
+
+
+def load_image(source) -> torch.Tensor:
+    """A path or file object -> uint8 [3, H, W] RGB tensor at its stored size."""
+    return decode_image(source)[0]
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's RGB mean and std
@@ -271,38 +308,40 @@ def resized_crop(x: torch.Tensor, box, size: int, mode: str = "bilinear") -> tor
 
 
 def shrink_short_side(img: torch.Tensor, max_short: int) -> torch.Tensor:
-    """Antialiased downscale of img [3, H, W] so that min(H, W) <= max_short (no-op if already).
-    After it, crops are resampled by a factor of at most ~2, where plain bilinear sampling is
+    """Antialiased downscale of img [3, H, W] or [B, 3, H, W] so that min(H, W) <= max_short (no-op if
+    already). After it, crops are resampled by a factor of at most ~2, where plain bilinear sampling is
     still alias-free; so big photos are filtered once, not once per crop."""
     H, W = img.shape[-2:]
     if min(H, W) <= max_short:
         return img
     f = max_short / min(H, W)
     size = (max(1, round(H * f)), max(1, round(W * f)))
-    return F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    x = img if img.ndim == 4 else img[None]
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x if img.ndim == 4 else x[0]
 
 
-def crop_and_resize(img: torch.Tensor, boxes, H: int, W: int, size: int) -> torch.Tensor:
-    """Many crops of one image in ONE bilinear resampling call (F.grid_sample).
+def crop_and_resize(img: torch.Tensor, boxes: torch.Tensor, frame: torch.Tensor, size: int) -> torch.Tensor:
+    """All crops of a batch of images in ONE bilinear resampling call (F.grid_sample).
 
-    boxes: [(top, left, h, w, flipped)] in the pixel frame of an H x W image; img [3, H', W'] may
-    be a downscaled copy of that image (sampling positions are in normalised coordinates, so they
-    do not depend on the copy's resolution). Output pixel j of a crop samples the continuous
-    image at x = left + (j + 0.5) * w / size (pixel centres at k + 0.5), mirrored when flipped;
-    positions are clamped to the image border. Returns [n, 3, size, size]."""
-    b = np.array([bx[:4] for bx in boxes], dtype=np.float32)             # [n, 4] top, left, h, w
-    flip = np.array([bool(bx[4]) for bx in boxes])                        # [n]
-    t = (np.arange(size, dtype=np.float32) + 0.5) / size                  # [size] in (0, 1)
-    tx = np.where(flip[:, None], 1 - t, t)                                # [n, size]
-    x = b[:, 1:2] + b[:, 3:4] * tx                                        # [n, size] pixels
-    y = b[:, 0:1] + b[:, 2:3] * t                                         # [n, size]
-    n = len(boxes)
-    grid = np.empty((n, size, size, 2), np.float32)                       # grid_sample's [-1, 1] coords
-    grid[..., 0] = (2 * x / W - 1)[:, None, :]
-    grid[..., 1] = (2 * y / H - 1)[:, :, None]
-    grid = torch.from_numpy(grid).to(img.dtype)
-    return F.grid_sample(img[None].expand(n, -1, -1, -1), grid, mode="bilinear",
-                         padding_mode="border", align_corners=False)      # [n, 3, size, size]
+    img [B, 3, h, w]; boxes float [B, k, 5] = (top, left, height, width, flipped) in the pixel frame of
+    image b, frame[b] = (H, W). img may be a resized copy of that frame (shrunk, or squeezed to a square
+    working size): sampling positions are in normalised coordinates, so they do not depend on the
+    copy's resolution. Output pixel j of a crop samples the continuous image at
+    x = left + (j + 0.5) * width / size (pixel centres at k + 0.5), mirrored when flipped; positions are
+    clamped to the image border. The k crops of image b are stacked along the output's height, so one
+    call makes every crop without copying any image k times. Returns [B, k, 3, size, size]."""
+    B, k = boxes.shape[:2]
+    t = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) / size      # [size] in (0, 1)
+    top, left, h, w, flip = (c[..., None] for c in boxes.float().unbind(-1))            # each [B, k, 1]
+    x = left + w * torch.where(flip > 0, 1 - t, t)                                      # [B, k, size] pixels
+    y = top + h * t                                                                     # [B, k, size]
+    H, W = (c.view(B, 1, 1) for c in frame.float().unbind(-1))
+    gx, gy = 2 * x / W - 1, 2 * y / H - 1                                               # grid_sample's [-1, 1]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, :, None, :], gy[:, :, :, None]), -1)   # [B, k, size, size, 2]
+    out = F.grid_sample(img, grid.reshape(B, k * size, size, 2).to(img.dtype), mode="bilinear",
+                        padding_mode="border", align_corners=False)                     # [B, 3, k * size, size]
+    return out.view(B, 3, k, size, size).transpose(1, 2)                                # [B, k, 3, size, size]
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
@@ -327,25 +366,22 @@ _GREY_NP, _RGB2YIQ_NP, _YIQ2RGB_NP = _GREY.double().numpy(), _RGB2YIQ.double().n
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """float [..., 3, H, W] -> its luma w . x repeated on the 3 channels."""
-    g = (x * _GREY.view(3, 1, 1).to(x.dtype)).sum(-3, keepdim=True)
+    g = (x * _GREY.view(3, 1, 1).to(x.device, x.dtype)).sum(-3, keepdim=True)
     return g.expand_as(x).clone()
 
 
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, generator=None):
-    """DINO's jitter strengths, on float [3, H, W] or a batch [n, 3, H, W] in [0, 1] (each image
-    its own random factors), in this order:
+def color_jitter_params(n, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, generator=None):
+    """The random factors of n colour jitters, with DINO's strengths, folded into the affine map that
+    color_jitter applies. The four steps, in this order:
         brightness  x -> b x
         contrast    x -> c (x - m) + m,          m = mean luma of the image
         saturation  x -> s (x - g) + g,          g = luma of each pixel (w . x)
         hue         rotate the chroma plane (I, Q) of YIQ by an angle of up to +-hue turns
     with b, c, s ~ U(1 - strength, 1 + strength). Each step is affine and keeps grey pixels grey
     (w sums to 1; a hue rotation leaves Y alone), so the four fold into ONE affine map
-        x -> c b R_hue S_sat x + (1 - c) b m,        S_sat = s I + (1 - s) 1 w^T,
-    applied with one batched 3x3 matmul and one clamp to [0, 1] at the end (torchvision clamps
-    after every step; the difference only shows on pixels pushed past 0 or 1)."""
-    single = x.ndim == 3
-    x = x[None] if single else x                                              # [n, 3, H, W]
-    n = x.shape[0]
+        x -> c b R_hue S_sat x + (1 - c) b m,        S_sat = s I + (1 - s) 1 w^T.
+    -> (A = c b R_hue S_sat float [n, 3, 3], b float [n], 1 - c float [n]): a few numbers per crop,
+    drawn where the sample's generator lives (a DataLoader worker) and applied wherever the pixels are."""
     # the n 3x3 matrices are tiny: build them in numpy (far less per-call overhead than torch)
     u = (torch.rand(n, 4, generator=generator) * 2 - 1).double().numpy()     # [n, 4] in [-1, 1)
     b, c, s = 1 + brightness * u[:, 0], 1 + contrast * u[:, 1], 1 + saturation * u[:, 2]
@@ -357,26 +393,48 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gener
     w = _GREY_NP[None, None, :]                                               # [1, 1, 3]
     sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * w           # s I + (1 - s) 1 w^T
     A = (c * b)[:, None, None] * (_YIQ2RGB_NP @ rot @ _RGB2YIQ_NP @ sat)      # [n, 3, 3]
+    return torch.from_numpy(A).float(), torch.from_numpy(b).float(), torch.from_numpy(1 - c).float()
+
+
+def color_jitter(x: torch.Tensor, params) -> torch.Tensor:
+    """Colour jitter of float [n, 3, H, W] in [0, 1], crop i with its own params[.][i]
+    (color_jitter_params): one batched 3x3 matmul, then one clamp to [0, 1] at the end (torchvision
+    clamps after every step; the difference only shows on pixels pushed past 0 or 1)."""
+    A, b, one_minus_c = params                                                # [n, 3, 3], [n], [n]
+    n = x.shape[0]
     flat = x.reshape(n, 3, -1)                                                # [n, 3, HW]
-    m = torch.from_numpy(b).to(x.dtype) * (_GREY.to(x.dtype) @ flat).mean(-1)   # [n] mean luma after brightness
-    shift = (torch.from_numpy(1 - c).to(x.dtype) * m).view(n, 1, 1)
-    y = torch.baddbmm(shift, torch.from_numpy(A).to(x.dtype), flat)           # A @ x + (1 - c) b m
-    y = y.view_as(x).clamp(0, 1)
-    return y[0] if single else y
+    m = b.to(x.dtype) * (_GREY.to(x.device, x.dtype) @ flat).mean(-1)         # [n] mean luma after brightness
+    shift = (one_minus_c.to(x.dtype) * m).view(n, 1, 1)
+    y = torch.baddbmm(shift, A.to(x.dtype), flat)                             # A @ x + (1 - c) b m
+    return y.view_as(x).clamp(0, 1)
 
 
 class MultiCrop:
     """Image -> global and local views (DINO / SILC multi-crop); see the module docstring.
 
+    Two halves, so that the pixel work can run where it is cheapest (train.py's --crops):
+      __call__(sample)       draws every random number of one sample (boxes, flips, colour factors),
+                             from the sample's own seeded generator, in a DataLoader worker;
+      views(pixels, params)  does the pixel work of a whole batch: one resampling call per resolution,
+                             then colour jitter and grayscale of the local crops, on any device.
+    on_device=False: __call__ also calls views() on its one sample (the workers make the crops).
+    on_device=True: the workers only decode and draw; the training step calls views() on the
+    accelerator. Both placements run the same code on the same numbers (tests/test_data.py).
+
     __call__(sample) -> dict(
-        image        = float [3, S, S], the first global crop, normalised (the text-paired view),
         caption      = the caption, with left/right swapped if the global views were flipped,
         mask         = int64 [S, S] through the first global crop's geometry (if the sample has one),
         label        = passed through,
+        global_boxes / local_boxes = [(top, left, h, w, flipped)] per crop, in the sample's frame
+                       (its source pixels: sample["frame"], or the image's own size),
+        local_colour = [bool] per local crop: colour augmentation applied,
+      and, on_device=False:
+        image        = float [3, S, S], the first global crop, normalised (the text-paired view),
         global_crops = n_global x [3, S, S]  } only when n_global + n_local > 1
         local_crops  = n_local  x [3, s, s]  }
-        global_boxes / local_boxes = [(top, left, h, w, flipped)] per crop, in source pixels,
-        local_colour = [bool] per local crop: colour augmentation applied)
+      or, on_device=True:
+        pixels       = the sample's uint8 image [3, h, w], as it came,
+        crop_params  = dict of small tensors, this sample's input to views() (collate stacks them))
     Randomness comes from `generator` or torch's global generator (train.py seeds it per sample).
     """
 
@@ -384,7 +442,7 @@ class MultiCrop:
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), local_size: int | None = None,
                  ratio=(3 / 4, 4 / 3), flip: bool = True, local_colour: bool = True,
                  colour_prob: float = 0.8, grayscale_prob: float = 0.2, keep_objects: bool = True,
-                 local_foreground: float = 0.0, hue: float = 0.1):
+                 local_foreground: float = 0.0, hue: float = 0.1, on_device: bool = False):
         if n_global < 1:
             raise ValueError(f"n_global must be >= 1 (the text-paired view), got {n_global}")
         if image_size % patch_size != 0:
@@ -400,18 +458,22 @@ class MultiCrop:
         # A toy-world choice (SILC's reviewers: "a local crop may contain only background"): when the
         # sample has a mask, a local crop must be at least this fraction foreground (an object part).
         self.local_foreground = local_foreground
+        self.on_device = on_device
+        # The resolution the global crops are cut from: twice theirs, so that no crop is shrunk by much
+        # more than 2x. Readers of photos decode straight to it (data.decode_image's working_size).
+        self.working_size = 2 * image_size
 
     def __call__(self, sample: dict, generator=None) -> dict:
-        img = sample["image"]
-        img = img.float() / 255.0 if img.dtype == torch.uint8 else img   # [3, H, W] in [0, 1]
-        H, W = img.shape[-2:]
+        img = sample["image"]                                            # [3, h, w] uint8 (or float in [0, 1])
+        frame = sample.get("frame")                                      # the pixel frame of boxes and crops
+        H, W = (int(frame[0]), int(frame[1])) if frame is not None else img.shape[-2:]
         keep = None
         if self.keep_objects and sample.get("boxes") is not None and len(sample["boxes"]) > 0:
             b = sample["boxes"].float()                                  # [n, 4]: keep the central half
             cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
             hw, hh = (b[:, 2] - b[:, 0]) / 4, (b[:, 3] - b[:, 1]) / 4
             keep = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=1)
-        out = {k: v for k, v in sample.items() if k not in ("image", "mask", "boxes")}
+        out = {k: v for k, v in sample.items() if k not in ("image", "mask", "boxes", "frame")}
 
         # Global views: one flip coin for all of them, so one caption is true for every view.
         flip_global = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
@@ -419,10 +481,6 @@ class MultiCrop:
             out["caption"] = swap_left_right(sample["caption"])
         g_boxes = [(*sample_crop_box(H, W, self.global_scale, self.ratio, generator, keep), flip_global)
                    for _ in range(self.n_global)]
-        # Normalisation is a per-channel affine map and bilinear weights are >= 0 and sum to 1, so
-        # normalise-then-crop == crop-then-normalise: the global views crop the normalised image.
-        src = normalize(shrink_short_side(img, 2 * self.image_size))
-        globals_ = crop_and_resize(src, g_boxes, H, W, self.image_size)  # [G, 3, S, S]
         if sample.get("mask") is not None:                              # same geometry as view 0
             m = resized_crop(sample["mask"], g_boxes[0][:4], self.image_size)   # [S, S]
             out["mask"] = hflip(m) if flip_global else m
@@ -432,27 +490,56 @@ class MultiCrop:
         l_boxes = [(*sample_crop_box(H, W, self.local_scale, self.ratio, generator, foreground=fg,
                                      min_foreground=self.local_foreground if fg is not None else 0.0),
                     self.flip and bool(torch.rand(1, generator=generator) < 0.5)) for _ in range(self.n_local)]
-        locals_, l_colour = [], []
-        if self.n_local > 0:
-            max_short = math.ceil(2 * self.local_size / math.sqrt(self.local_scale[1]))
-            views = crop_and_resize(shrink_short_side(img, max_short), l_boxes, H, W, self.local_size)
-            # [n, 3, s, s] in [0, 1]; random numbers drawn for all crops, used where chosen
-            u = torch.rand(self.n_local, 2, generator=generator)        # [n, 2]
+        n = self.n_local
+        jitter = grey = torch.zeros(n, dtype=torch.bool)
+        colour = (torch.eye(3).expand(n, 3, 3).clone(), torch.ones(n), torch.zeros(n))   # the identity map
+        if n > 0:
+            u = torch.rand(n, 2, generator=generator)                  # [n, 2]: drawn for all crops, used where chosen
             jitter = (u[:, 0] < self.colour_prob) & self.local_colour   # [n] bool
             grey = (u[:, 1] < self.grayscale_prob) & self.local_colour
-            if jitter.any():
-                views = torch.where(jitter.view(-1, 1, 1, 1), color_jitter(views, hue=self.hue, generator=generator), views)
-            if grey.any():
-                views = torch.where(grey.view(-1, 1, 1, 1), grayscale(views), views)
-            locals_ = list(normalize(views).unbind(0))
-            l_colour = (jitter | grey).tolist()
+            if jitter.any():                                             # drawn only when some crop uses them
+                colour = color_jitter_params(n, hue=self.hue, generator=generator)
+        out["global_boxes"], out["local_boxes"], out["local_colour"] = g_boxes, l_boxes, (jitter | grey).tolist()
+        params = {"frame": torch.tensor([H, W], dtype=torch.float32),                        # [2]
+                  "global_boxes": torch.tensor(g_boxes, dtype=torch.float32).view(self.n_global, 5),
+                  "local_boxes": torch.tensor(l_boxes, dtype=torch.float32).view(n, 5),      # [n, 5]
+                  "jitter": jitter, "grey": grey, "colour_matrix": colour[0],               # [n], [n], [n, 3, 3]
+                  "brightness": colour[1], "contrast_shift": colour[2]}                     # [n], [n]
+        if self.on_device:
+            out["pixels"], out["crop_params"] = img, params
+            return out
 
-        globals_ = list(globals_.unbind(0))
+        # Crops in the worker: views() on a batch of one.
+        g, l = self.views(img[None], {k: v[None] for k, v in params.items()})   # [G, 1, 3, S, S], [n, 1, 3, s, s]
+        globals_ = list(g[:, 0].unbind(0))
         out["image"] = globals_[0]
-        out["global_boxes"], out["local_boxes"], out["local_colour"] = g_boxes, l_boxes, l_colour
-        if self.n_global + self.n_local > 1:
-            out["global_crops"], out["local_crops"] = globals_, locals_
+        if self.n_global + n > 1:
+            out["global_crops"], out["local_crops"] = globals_, list(l[:, 0].unbind(0)) if l is not None else []
         return out
+
+    def views(self, pixels: torch.Tensor, params: dict):
+        """The pixel work of a batch, on whatever device `pixels` is on. pixels: uint8 [B, 3, h, w] (or
+        float in [0, 1]), one size for the whole batch; params: each sample's crop_params from __call__,
+        stacked ([B, ...], data.collate), on the same device.
+        -> (global crops float [G, B, 3, S, S], local crops float [n, B, 3, s, s] or None), normalised."""
+        img = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels   # [B, 3, h, w] in [0, 1]
+        B, frame = img.shape[0], params["frame"]                                   # frame [B, 2] = (H, W)
+        # Normalisation is a per-channel affine map and bilinear weights are >= 0 and sum to 1, so
+        # normalise-then-crop == crop-then-normalise: the global views crop the normalised image.
+        src = normalize(shrink_short_side(img, self.working_size))
+        g = crop_and_resize(src, params["global_boxes"], frame, self.image_size)   # [B, G, 3, S, S]
+        g = g.transpose(0, 1).contiguous()                                        # [G, B, 3, S, S]
+        if self.n_local == 0:
+            return g, None
+        n, s = self.n_local, self.local_size
+        max_short = math.ceil(2 * s / math.sqrt(self.local_scale[1]))
+        v = crop_and_resize(shrink_short_side(img, max_short), params["local_boxes"], frame, s)
+        v = v.reshape(B * n, 3, s, s)                                             # in [0, 1]
+        # colour augmentation where it was chosen: jitter, then grayscale (DINO's order)
+        colour = (params["colour_matrix"].flatten(0, 1), params["brightness"].flatten(), params["contrast_shift"].flatten())
+        v = torch.where(params["jitter"].view(-1, 1, 1, 1), color_jitter(v, colour), v)
+        v = torch.where(params["grey"].view(-1, 1, 1, 1), grayscale(v), v)
+        return g, normalize(v).view(B, n, 3, s, s).transpose(0, 1).contiguous()  # [n, B, 3, s, s]
 
 
 class CenterView:
@@ -476,28 +563,47 @@ class CenterView:
 # ------------------------------------------------------------------------------------------------
 # 4. Batching
 # ------------------------------------------------------------------------------------------------
+def view_batch(global_crops: torch.Tensor, local_crops: torch.Tensor | None = None) -> dict:
+    """Stacked views -> the batch keys the model reads: images [B, 3, S, S] = global view 0 (the
+    text-paired one) and, when there is more than one view, global_crops [G, B, 3, S, S] and
+    local_crops [n, B, 3, s, s] (grouped by resolution: one encoder forward each)."""
+    out = {"images": global_crops[0]}
+    n = 0 if local_crops is None else local_crops.shape[0]
+    if global_crops.shape[0] + n > 1:
+        out["global_crops"] = global_crops
+        if n > 0:
+            out["local_crops"] = local_crops
+    return out
+
+
 def collate(samples: list, tokenizer=None) -> dict | None:
     """Samples -> batch dict. None samples (skipped) are dropped; an all-None batch gives None.
 
     images [B, 3, S, S] float (global view 0, or the plain image normalised if it is still uint8),
     tokens [B, L] long and captions list[str] (when every sample has a caption), masks [B, H, W] and
     labels [B] (when every sample has one), global_crops [G, B, 3, S, S] and local_crops
-    [n, B, 3, s, s] (when multi-crop is on: grouped by resolution, one encoder forward each).
+    [n, B, 3, s, s] (when multi-crop is on: see view_batch). With crops on the device
+    (MultiCrop(on_device=True)), pixels uint8 [B, 3, h, w] and crop_params {name: [B, ...]} instead
+    of the views: MultiCrop.views makes them in the training step (train.prepare_batch).
     """
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
     tokenizer = tokenizer or ByteTokenizer()
     batch = {}
-    if "global_crops" in samples[0]:
-        G = len(samples[0]["global_crops"])
-        batch["global_crops"] = torch.stack([torch.stack([s["global_crops"][g] for s in samples])
-                                             for g in range(G)])        # [G, B, 3, S, S]
-        batch["images"] = batch["global_crops"][0]                      # view 0 is the text-paired one
-        n = len(samples[0]["local_crops"])
-        if n > 0:
-            batch["local_crops"] = torch.stack([torch.stack([s["local_crops"][i] for s in samples])
-                                                for i in range(n)])     # [n, B, 3, s, s]
+    if "pixels" in samples[0]:
+        sizes = {tuple(s["pixels"].shape) for s in samples}
+        if len(sizes) > 1:
+            raise ValueError(f"images of different sizes in one batch {sorted(sizes)}: crops on the device need "
+                             f"one working size (the readers' working_size, data.decode_image)")
+        batch["pixels"] = torch.stack([s["pixels"] for s in samples])   # uint8 [B, 3, h, w]
+        batch["crop_params"] = {k: torch.stack([s["crop_params"][k] for s in samples])
+                                for k in samples[0]["crop_params"]}     # each [B, ...]
+    elif "global_crops" in samples[0]:
+        G, n = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
+        g = torch.stack([torch.stack([s["global_crops"][i] for s in samples]) for i in range(G)])  # [G, B, 3, S, S]
+        l = torch.stack([torch.stack([s["local_crops"][i] for s in samples]) for i in range(n)]) if n else None
+        batch.update(view_batch(g, l))                                  # [n, B, 3, s, s]
     else:
         images = [normalize(s["image"]) if s["image"].dtype == torch.uint8 else s["image"] for s in samples]
         sizes = {tuple(x.shape) for x in images}
@@ -579,17 +685,19 @@ class SeededSample(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def make_loader(dataset, collate_fn, batch_size, world, rank, accum, seed, start_step=0, num_workers=1):
+def make_loader(dataset, collate_fn, batch_size, world, rank, accum, seed, start_step=0, num_workers=1,
+                pin_memory=False):
     """This rank's DataLoader of micro-batches. A map-style dataset (shapes, csv) comes in StepSampler's
     order from start_step on, each sample seeded by SeededSample; an iterable one (tar shards) splits
-    itself over ranks and workers and yields batch_size / (world * accum) samples at a time."""
+    itself over ranks and workers and yields batch_size / (world * accum) samples at a time.
+    pin_memory (on CUDA): batches in page-locked memory, so their copy to the GPU overlaps compute."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size // (world * accum), collate_fn=collate_fn,
-                                           num_workers=num_workers, drop_last=True)
+                                           num_workers=num_workers, drop_last=True, pin_memory=pin_memory)
     sampler = StepSampler(len(dataset), batch_size, world, rank, accum, seed, start_step)
     return torch.utils.data.DataLoader(SeededSample(dataset, seed), batch_sampler=sampler, collate_fn=collate_fn,
                                        num_workers=num_workers, persistent_workers=num_workers > 0,
-                                       prefetch_factor=4 if num_workers > 0 else None)
+                                       prefetch_factor=4 if num_workers > 0 else None, pin_memory=pin_memory)
 
 
 # ------------------------------------------------------------------------------------------------

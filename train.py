@@ -50,8 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clip import CLIP, autocast_for, model_config, pick_device, trim_padding
-from data import EOT_ID, PAD_ID, ByteTokenizer, CenterView, MultiCrop, WordTokenizer, collate, make_loader
+from clip import CLIP, ConvStem, autocast_for, model_config, pick_device, trim_padding
+from data import (EOT_ID, PAD_ID, ByteTokenizer, CenterView, MultiCrop, WordTokenizer, collate, make_loader,
+                  view_batch)
 from ema import ema_update, make_teacher, teacher_forward
 from eval_seg import real_data_metrics, save_curves, shapes_metrics
 from loaders.classification import ClassFolderDataset
@@ -86,6 +87,7 @@ class Config:
     csv_caption_key: str = "title"
     csv_separator: str = "auto"     # auto: tab for .tsv, comma for .csv
     num_workers: int = 1
+    crops: str = "auto"             # where the views are cut: auto (device on CUDA, DataLoader workers on CPU) | device | workers
     image_size: int = 64
     shapes_colour_prob: float = 0.2  # shapes data: fraction of captions that name colours (loaders/shapes.py)
     shapes_backdrop: str = "uniform"  # shapes data: uniform | patchwork (a background that names no image)
@@ -199,7 +201,7 @@ def resolve_method_defaults(cfg):
     """Fill the -1 / auto fields with the defaults of the chosen method, and check choices."""
     choices = dict(method=METHODS, loss=("softmax", "sigmoid"), mask_mode=("drop", "token", "auto"),
                    mask_kind=("random", "block"), momentum_schedule=("fixed", "cosine"),
-                   grad_clip_mode=("global", "tensor"), patch_loss=("masked", "all"))
+                   grad_clip_mode=("global", "tensor"), patch_loss=("masked", "all"), crops=("auto", "device", "workers"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -272,21 +274,36 @@ def shapes_world(cfg):
     return world_from_config(dataclasses.asdict(cfg))
 
 
-def build_train_data(cfg, patch_size, tokenizer):
-    """(dataset, collate_fn). The crops depend on the model (patch size -> local crop size), the
-    batches on the tokenizer. SILC methods get 2 global + n local crops (scale 0.4-1 / 0.05-0.4); the
-    others one text-paired view of scale 0.9-1.0 (open_clip's training crop); all share the flip."""
+def crops_on_device(cfg) -> bool:
+    """Where MultiCrop cuts the views (--crops). On a GPU, in the training step: the workers only decode
+    and draw the crops' random numbers, and all crops of the batch are resampled on the device, one call
+    per resolution (DINO's recipe runs 10 DataLoader workers per GPU for its multi-crop). On a CPU, in the DataLoader
+    workers, which are then the only parallelism. Both give the same crops (tests/test_data.py)."""
+    return cfg.crops == "device" or (cfg.crops == "auto" and pick_device(cfg.device).type == "cuda")
+
+
+def train_views(cfg, patch_size):
+    """The views of the method (data.MultiCrop; the crop sizes depend on the model's patch size). SILC
+    methods get 2 global + n local crops (scale 0.4-1 / 0.05-0.4); the others one text-paired view of
+    scale 0.9-1.0 (open_clip's training crop); all share the flip."""
     if "silc" in cfg.method:
-        transform = MultiCrop(cfg.image_size, patch_size, n_global=2, n_local=cfg.n_local_crops,
-                              local_foreground=cfg.local_foreground, colour_prob=cfg.local_colour_prob,
-                              hue=cfg.local_hue)
-    else:
-        transform = MultiCrop(cfg.image_size, patch_size, n_global=1, n_local=0, global_scale=(0.9, 1.0))
+        return MultiCrop(cfg.image_size, patch_size, n_global=2, n_local=cfg.n_local_crops,
+                         local_foreground=cfg.local_foreground, colour_prob=cfg.local_colour_prob,
+                         hue=cfg.local_hue, on_device=crops_on_device(cfg))
+    return MultiCrop(cfg.image_size, patch_size, n_global=1, n_local=0, global_scale=(0.9, 1.0),
+                     on_device=crops_on_device(cfg))
+
+
+def build_train_data(cfg, patch_size, tokenizer):
+    """(dataset, collate_fn): the source (loaders/) through the method's views (train_views), batched with
+    the tokenizer. Photos (csv, tar) are decoded straight to the views' working size (data.decode_image)."""
+    transform = train_views(cfg, patch_size)
     sep = None if cfg.csv_separator == "auto" else cfg.csv_separator
     try:
         dataset = build_dataset(cfg.data, "train", transform, cfg.image_size, seed=cfg.seed, n=cfg.subset,
                                 csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
-                                csv_sep=sep, repeat=True, world=shapes_world(cfg))
+                                csv_sep=sep, repeat=True, world=shapes_world(cfg),
+                                working_size=transform.working_size)
     except (FileNotFoundError, ValueError) as e:   # a wrong path or a bad file: say so, no traceback
         sys.exit(f"error: {e}")
     return dataset, functools.partial(collate, tokenizer=tokenizer)
@@ -452,10 +469,22 @@ def add_masks(batch, cfg, tokenizer, patch_size, step, first_index):
         batch["mlm_inputs"], batch["mlm_labels"] = sample_mlm(batch["tokens"], tokenizer, cfg.mlm_prob, gens)
 
 
+def to_device(x, device):
+    """Tensors, and the tensors inside dicts, to the device (asynchronously from pinned memory)."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x.to(device, non_blocking=True) if torch.is_tensor(x) else x
+
+
 def prepare_batch(batch, cfg, tokenizer, patch_size, step, first_index, device, trim=True):
     """A loader's micro-batch, ready for the step; first_index: its first position in the global batch.
-    trim: cut the padding columns (exact, clip.trim_padding; off under torch.compile: no reshapes)."""
-    batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    With crops on the device (--crops), the views are cut here from the uint8 images, one resampling
+    call per resolution (data.MultiCrop.views). trim: cut the padding columns (exact,
+    clip.trim_padding; off under torch.compile: no reshapes)."""
+    batch = to_device(batch, device)
+    if "pixels" in batch:
+        views = train_views(cfg, patch_size).views(batch.pop("pixels"), batch.pop("crop_params"))
+        batch.update(view_batch(*views))
     if "maskclip" in cfg.method:
         add_masks(batch, cfg, tokenizer, patch_size, step, first_index)
     if trim:
@@ -653,6 +682,8 @@ def build_student(cfg, clip_cfg, device, ckpt=None):
     if cfg.init_from:
         load_pretrained_into(pretrainer.clip, cfg.init_from)
     pretrainer.to(device)
+    if (device.type == "cuda" or cfg.compile) and isinstance(pretrainer.clip.visual.stem, ConvStem):
+        pretrainer.clip.visual.stem.channels_last_()   # the weights in their gradients' layout (DDP's buckets)
     optimizer = make_optimizer(pretrainer, cfg, device)
     teacher = make_teacher(pretrainer.image_student()) if pretrainer.use_sd or pretrainer.use_mask else None
     if ckpt is not None:   # a plain CLIP ("model") and the rest ("extra")
@@ -763,7 +794,7 @@ def main(argv=None):
     clip_cfg, tokenizer = build_model_config(cfg)
     dataset, collate_fn = build_train_data(cfg, clip_cfg.patch_size, tokenizer)
     data_iter = iter(make_loader(dataset, collate_fn, cfg.batch_size, world, rank, cfg.grad_accum, cfg.seed,
-                                 start_step, cfg.num_workers))
+                                 start_step, cfg.num_workers, pin_memory=device.type == "cuda"))
     eval_sets = build_eval_sets(cfg)                     # --val_data, --zeroshot_data (None if not given)
 
     # --- student, optimizer, teacher; what the step calls (compiled, DDP-wrapped) ---

@@ -20,6 +20,7 @@ Prints one line and writes --out (JSON).
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -53,6 +54,7 @@ def match_top1(glob, loc, owner):
 def measure(cfg, n_images=64, first=0):
     """{"top1": matching accuracy, "chance": 1 / N, "pure_background": share, "under_20pct": share}."""
     clip_cfg, tokenizer = train.build_model_config(cfg)
+    cfg = dataclasses.replace(cfg, crops="workers")          # the views of each sample, cut where it is read
     dataset, _ = train.build_train_data(cfg, clip_cfg.patch_size, tokenizer)
     seeded = SeededSample(dataset, cfg.seed)
     samples = [seeded[(first + i, 0)] for i in range(n_images)]

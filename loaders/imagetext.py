@@ -1,7 +1,10 @@
 """Real image-text data: open_clip's csv/tsv files and webdataset-style .tar shards.
 
 Both readers yield the sample form that data.py turns into batches, {"image": uint8 [3, H, W],
-"caption": str, ...}, like the shapes world (loaders/shapes.py):
+"caption": str, "frame": (H, W) as stored, ...}, like the shapes world (loaders/shapes.py). Given a
+working_size (train.py gives the views' one), they decode every image straight to that square size,
+with JPEG draft mode (data.decode_image): the crops are placed in the stored frame, so they need
+nothing more, and a worker never holds a full-size photo it does not need.
 
 * CsvDataset: one row per sample, an image-path column and a caption column (open_clip's
   --csv-img-key / --csv-caption-key). Map-style, so train.py's StepSampler orders it exactly.
@@ -29,7 +32,7 @@ import warnings
 
 import torch
 
-from data import SKIPPED, load_image, skip
+from data import SKIPPED, decode_image, skip
 from loaders.shapes import ShapesDataset
 
 
@@ -40,16 +43,18 @@ class CsvDataset(torch.utils.data.Dataset):
     an empty caption is skipped and counted, and the NEXT index is read instead (up to
     `max_retries` in a row), so batches keep their size (DDP's all-gather needs equal sizes).
     max_retries=0 (evaluation, where a replacement would count one pair twice): None instead.
-    Returns dict(image=uint8 [3, H, W], caption=str), through `transform` if given.
+    Returns dict(image=uint8 [3, H, W], frame=(H, W), caption=str), through `transform` if given;
+    working_size > 0: image is uint8 [3, working_size, working_size] (data.decode_image), frame the
+    stored size.
     """
 
     def __init__(self, path: str, transform=None, img_key: str = "filepath", caption_key: str = "title",
-                 sep: str | None = None, max_retries: int = 20):
+                 sep: str | None = None, max_retries: int = 20, working_size: int = 0):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"csv/tsv file not found: {path}")
         if sep in (None, "auto"):
             sep = "\t" if path.lower().endswith(".tsv") else ","
-        self.transform, self.max_retries = transform, max_retries
+        self.transform, self.max_retries, self.working_size = transform, max_retries, working_size
         root = os.path.dirname(os.path.abspath(path))
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=sep)
@@ -79,11 +84,11 @@ class CsvDataset(torch.utils.data.Dataset):
             skip("empty caption", f"row {i} ({self.images[i]})")
             return None
         try:
-            image = load_image(self.images[i])
+            image, frame = decode_image(self.images[i], self.working_size)
         except Exception as e:          # missing file, truncated/corrupt data, decompression bomb...
             skip("unreadable image", self.images[i], e)
             return None
-        return dict(image=image, caption=caption)
+        return dict(image=image, frame=frame, caption=caption)
 
     def __getitem__(self, index):
         if self.max_retries == 0:            # evaluation: every row once; a bad one is None (collate drops it)
@@ -173,13 +178,17 @@ class TarShardDataset(torch.utils.data.IterableDataset):
     rank, when shuffle=True; `shuffle_buffer` > 0 adds a sample-level shuffle inside each reader.
     repeat=True loops over epochs forever (epoch + 1 each pass). max_samples caps the samples of
     THIS RANK per pass (shared out over its workers; set by `subset`).
-    Yields dict(image=uint8 [3, H, W], caption=str, key=str), through `transform` if given.
+    Yields dict(image=uint8 [3, H, W], frame=(H, W), caption=str, key=str), through `transform` if
+    given; working_size > 0: image is uint8 [3, working_size, working_size] (data.decode_image).
+    The shuffle buffer holds samples BEFORE they are decoded (the image file's bytes and the caption),
+    so its memory is that of the files (about 100 kB a JPEG), not of decoded photos.
     """
 
     def __init__(self, shards, transform=None, rank: int | None = None, world_size: int | None = None,
                  shuffle: bool = False, shuffle_buffer: int = 0, seed: int = 0, repeat: bool = False,
-                 max_samples: int | None = None):
+                 max_samples: int | None = None, working_size: int = 0):
         self.shards = list_shards(shards)
+        self.working_size = working_size
         self.transform, self.rank, self.world_size = transform, rank, world_size
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.repeat, self.max_samples = repeat, max_samples
@@ -226,7 +235,9 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             if group:
                 yield tar, key, group
 
-    def _decode(self, tar, key, group, path):
+    def _read(self, tar, key, group, path):
+        """One sample's files as they are stored: dict(key, where, data = the image file's bytes,
+        caption), or None (counted) without an image, or with a missing or empty caption."""
         where = f"{path}:{key}"
         img_m = next((group[e] for e in IMAGE_EXTS if e in group), None)
         if img_m is None or "txt" not in group:
@@ -237,22 +248,32 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             if not caption:
                 skip("empty caption", where)
                 return None
-            image = load_image(io.BytesIO(tar.extractfile(img_m).read()))
+            data = tar.extractfile(img_m).read()
         except Exception as e:
             skip("unreadable image", where, e)
             return None
-        return dict(image=image, caption=caption, key=key)
+        return dict(key=key, where=where, data=data, caption=caption)
+
+    def _decode(self, record):
+        """A _read record -> the sample, or None (counted) if its image does not decode."""
+        try:
+            image, frame = decode_image(io.BytesIO(record["data"]), self.working_size)
+        except Exception as e:
+            skip("unreadable image", record["where"], e)
+            return None
+        return dict(image=image, frame=frame, caption=record["caption"], key=record["key"])
 
     def _one_pass(self, epoch, reader, n_readers):
+        """This reader's records of one pass, undecoded."""
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(shards)   # same order on every rank
         if len(shards) >= n_readers:
             for path in shards[reader::n_readers]:
                 for tar, key, group in self._members(path):
-                    s = self._decode(tar, key, group, path)
-                    if s is not None:
-                        yield s
+                    r = self._read(tar, key, group, path)
+                    if r is not None:
+                        yield r
         else:
             if reader == 0 and epoch == self.epoch:
                 warnings.warn(f"loaders/imagetext.py: {len(shards)} shard(s) for {n_readers} readers (ranks x workers): "
@@ -261,9 +282,9 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             for path in shards:
                 for tar, key, group in self._members(path):
                     if j % n_readers == reader:
-                        s = self._decode(tar, key, group, path)
-                        if s is not None:
-                            yield s
+                        r = self._read(tar, key, group, path)
+                        if r is not None:
+                            yield r
                     j += 1
 
     def __iter__(self):
@@ -274,8 +295,9 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         epoch = self.epoch
         while True:
             it = self._one_pass(epoch, reader, n_readers)
-            if self.shuffle_buffer > 0:
+            if self.shuffle_buffer > 0:    # shuffled while still compressed: the buffer holds files, not photos
                 it = _shuffled(it, self.shuffle_buffer, random.Random(self.seed * 7919 + epoch * 131 + reader))
+            it = (s for s in map(self._decode, it) if s is not None)
             if self.max_samples is not None:   # this worker's share of the rank's quota
                 quota = self.max_samples // n_workers + (1 if worker < self.max_samples % n_workers else 0)
                 it = itertools.islice(it, quota)
@@ -343,20 +365,21 @@ def subset(dataset, n):
 def build_dataset(name_or_path: str, split: str = "train", transform=None, image_size: int = 64,
                   length: int | None = None, seed: int = 0, n: float = 0, csv_img_key: str = "filepath",
                   csv_caption_key: str = "title", csv_sep: str | None = None, repeat: bool = False,
-                  world: dict | None = None):
+                  world: dict | None = None, working_size: int = 0):
     """"shapes" -> ShapesDataset(split); a .csv/.tsv path -> CsvDataset; a folder of .tar shards, a
     .tar file or a brace pattern -> TarShardDataset (shuffled and, with repeat=True, endless).
-    `split` and `world` (ShapesDataset's options) only apply to shapes. n > 0 -> subset(dataset, n)."""
+    `split` and `world` (ShapesDataset's options) only apply to shapes, `working_size` (the square size
+    photos are decoded to; 0 = as stored) to csv and tar. n > 0 -> subset(dataset, n)."""
     if name_or_path == "shapes":
         ds = ShapesDataset(split, size=image_size, length=length, seed=seed, transform=transform, **(world or {}))
     elif name_or_path.lower().endswith((".csv", ".tsv")):
-        ds = CsvDataset(name_or_path, transform, csv_img_key, csv_caption_key, csv_sep)
+        ds = CsvDataset(name_or_path, transform, csv_img_key, csv_caption_key, csv_sep, working_size=working_size)
     else:
         if not (os.path.exists(name_or_path) or "{" in name_or_path):
             raise FileNotFoundError(f"data {name_or_path!r} is not 'shapes', a .csv/.tsv file, a folder of "
                                     f".tar shards, a .tar file or a {{a..b}} shard pattern that exists")
         ds = TarShardDataset(name_or_path, transform, shuffle=split == "train", shuffle_buffer=1000 * (split == "train"),
-                             seed=seed, repeat=repeat)
+                             seed=seed, repeat=repeat, working_size=working_size)
     return subset(ds, n) if n else ds
 
 

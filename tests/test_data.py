@@ -2,6 +2,7 @@
 naive step-by-step colour jitter, naive bilinear sampling, nearest-neighbour indices worked out by
 hand, the batch order against the global stream)."""
 
+import io
 import math
 import os
 import re
@@ -184,6 +185,45 @@ def test_local_crops_hold_an_object_part_when_asked():
     assert a["local_boxes"] == b["local_boxes"]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_crops_on_the_device_equal_the_crops_of_the_workers(device):
+    """MultiCrop(on_device=True) draws the same random numbers as the workers' MultiCrop and leaves the
+    pixel work to views(), run on a whole collated batch on `device` (one resampling call per resolution):
+    every global and local view equals the one made sample by sample in the worker (max abs diff <= 1e-5,
+    float32), and everything else a sample carries (caption, mask, boxes) is the same. Two sources: the
+    shapes world (object boxes kept whole, masks, the local_foreground rule) and photos of four different
+    stored frames, decoded to one square working size; colour jitter and grayscale both occur."""
+    from data import decode_image
+    from experiments.loaderbench import jpeg_bytes, photo
+    from train import to_device
+    photos = []
+    for i, (h, w) in enumerate([(90, 120), (160, 90), (150, 200), (64, 64)]):
+        image, frame = decode_image(io.BytesIO(jpeg_bytes(photo(h, w, i))), working_size=64)
+        assert image.shape == (3, 64, 64) and frame == (h, w)
+        photos.append(dict(image=image, frame=frame, caption=f"a photo on the left {i}"))
+    shapes = [ShapesDataset("train")[i] for i in range(6)]
+    configs = [(shapes, dict(image_size=64, patch_size=8, n_global=2, n_local=4, local_foreground=0.25)),
+               (photos, dict(image_size=32, patch_size=4, n_global=2, n_local=6)),
+               (shapes, dict(image_size=64, patch_size=8, n_global=1, n_local=0, global_scale=(0.9, 1.0)))]
+    tok = ByteTokenizer(64)
+    for samples, kwargs in configs:
+        workers, on_device = MultiCrop(**kwargs), MultiCrop(**kwargs, on_device=True)
+        a = collate([workers(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(samples)], tok)
+        b = collate([on_device(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(samples)], tok)
+        assert "global_crops" not in b and b["pixels"].dtype == torch.uint8
+        params = b.pop("crop_params")
+        if kwargs["n_local"]:
+            assert params["jitter"].any() and params["grey"].any() and not params["jitter"].all()
+        views = data.view_batch(*on_device.views(b.pop("pixels").to(device), to_device(params, device)))
+        assert views.keys() == {k for k in a if k in ("images", "global_crops", "local_crops")}
+        for k, v in views.items():
+            assert v.device.type == device and v.shape == a[k].shape, k
+            assert (v.cpu() - a[k]).abs().max().item() <= 1e-5, k
+        for k in b:
+            if k not in views:
+                assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), k
+
+
 def test_global_crops_never_colour_augmented():
     # A one-colour image: any geometric resampling keeps the colour exactly; colour jitter or
     # grayscale would change it. Local crops (allowed colour aug) must show the difference.
@@ -226,7 +266,7 @@ def test_flip_swaps_left_right_in_caption():
 def test_color_jitter_equals_step_by_step():
     # the folded affine map == brightness, contrast, saturation, hue applied one after the other
     x = torch.rand(5, 3, 9, 7) * 0.5 + 0.25
-    y = data.color_jitter(x, generator=torch.Generator().manual_seed(3))
+    y = data.color_jitter(x, data.color_jitter_params(5, generator=torch.Generator().manual_seed(3)))
     u = torch.rand(5, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
     w = torch.tensor([0.299, 0.587, 0.114])
     yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -243,8 +283,8 @@ def test_color_jitter_equals_step_by_step():
         q2 = q[1] * torch.sin(h) + q[2] * torch.cos(h)
         z = torch.einsum("ij,jhw->ihw", torch.linalg.inv(yiq), torch.stack([q[0], i2, q2]))
         assert torch.allclose(y[k], z.clamp(0, 1), atol=1e-5)
-    grey = torch.full((3, 4, 4), 0.4)
-    out = data.color_jitter(grey, generator=torch.Generator().manual_seed(0))
+    grey = torch.full((1, 3, 4, 4), 0.4)
+    out = data.color_jitter(grey, data.color_jitter_params(1, generator=torch.Generator().manual_seed(0)))[0]
     assert torch.allclose(out[0], out[1], atol=1e-5) and torch.allclose(out[1], out[2], atol=1e-5)
     gs = data.grayscale(torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1))
     assert torch.allclose(gs.flatten(), torch.full((3,), 0.299))

@@ -291,6 +291,60 @@ def test_tar_subset_and_missing_paths(tmp_path):
     assert expand_braces("{x,y}{1..2}") == ["x1", "x2", "y1", "y2"]
 
 
+def test_draft_decoding_is_close_to_full_decode_and_resize():
+    """data.decode_image with a working size: a 1600 x 1200 JPEG for a 200-px working size is decoded by
+    libjpeg at 1/4 scale in the DCT domain (400 x 300), then shrunk once to 200 x 200. The reference
+    decodes all 1.9 M pixels and applies the same antialiased bilinear resize (torch's, in uint8).
+    Tolerance, in grey levels of 255: mean |diff| <= 1.5 and max <= 12. Why: both are low-pass filters
+    about as wide as the 6x shrink, of different shapes (DCT scaling keeps each 8x8 block's 2x2 lowest
+    frequencies, then a 1.5x bilinear filter; the reference is one 6x bilinear filter), so they differ
+    only in the finest detail that survives the shrink, plus uint8 rounding twice. For scale: skipping
+    the filter (nearest-neighbour subsampling, i.e. aliasing) is more than 4x farther from the
+    reference. A photo under twice the working size on its short side cannot be DCT-scaled: its result
+    is exactly the full decode + the same resize."""
+    from data import decode_image
+    from experiments.loaderbench import photo        # photo-like: a 1 / f^1.25 spectrum, like natural images
+    buf = io.BytesIO()
+    Image.fromarray(photo(1200, 1600, 0)).save(buf, format="JPEG", quality=90)
+    image, frame = decode_image(io.BytesIO(buf.getvalue()), working_size=200)
+    assert image.dtype == torch.uint8 and image.shape == (3, 200, 200) and frame == (1200, 1600)
+    full = torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).permute(2, 0, 1)
+    assert full.shape == (3, 1200, 1600)
+
+    def resize(x, side, mode="bilinear"):
+        aa = dict(antialias=True, align_corners=False) if mode == "bilinear" else {}
+        return torch.nn.functional.interpolate(x[None], size=(side, side), mode=mode, **aa)[0].float()
+
+    ref = resize(full, 200)
+    diff = (image.float() - ref).abs()
+    assert 0 < diff.mean() <= 1.5 and diff.max() <= 12, (diff.mean(), diff.max())   # > 0: the DCT path was taken
+    aliased = (resize(full, 200, "nearest") - ref).abs().mean()
+    assert diff.mean() < aliased / 4, (diff.mean(), aliased)
+    # 500 x 375 for a 256-px working size: no DCT scale reaches 256 on the short side; exact
+    buf = io.BytesIO()
+    Image.fromarray(photo(375, 500, 1)).save(buf, format="JPEG", quality=90)
+    small, frame = decode_image(io.BytesIO(buf.getvalue()), working_size=256)
+    want = resize(torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).permute(2, 0, 1), 256)
+    assert frame == (375, 500) and torch.equal(small.float(), want)
+    # and without a working size, the stored image itself (what eval and the segmentation readers use)
+    stored, frame = decode_image(io.BytesIO(buf.getvalue()))
+    assert stored.shape == (3, 375, 500) and frame == (375, 500)
+
+
+def test_tar_and_csv_readers_decode_to_the_working_size(tmp_path):
+    """working_size=16: every image comes as uint8 [3, 16, 16], its stored frame (H, W) beside it, in
+    the tar reader (with the shuffle buffer of training, which holds the undecoded files) and the csv one."""
+    folder = str(tmp_path / "shards")
+    keys = _make_shards(folder, 2, per_shard=3)
+    got = list(build_dataset(folder, "train", working_size=16))
+    assert sorted(s["key"] for s in got) == sorted(keys)
+    assert all(s["image"].shape == (3, 16, 16) and s["frame"] == (10, 12) for s in got)
+    Image.new("RGB", (30, 20), (5, 6, 7)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\na.png,a grey square\n")
+    s = build_dataset(str(tmp_path / "pairs.csv"), working_size=16)[0]
+    assert s["image"].shape == (3, 16, 16) and s["frame"] == (20, 30) and (s["image"] == torch.tensor([5, 6, 7]).view(3, 1, 1)).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # csv
 # ------------------------------------------------------------------------------------------------

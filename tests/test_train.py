@@ -250,6 +250,13 @@ def test_every_method_under_torchrun_equals_one_process(ddp_runs, case):
     assert_same_run(one, two, atol=1e-5, params_atol=1e-5)
 
 
+def test_ddp_gradients_fill_their_buckets_without_a_layout_copy(ddp_runs):
+    """DDP warns "Grad strides do not match bucket view strides" when a gradient's strides differ from its
+    parameter's (each such bucket pays a copy): never in any of the runs above."""
+    _, p = ddp_runs
+    assert "Grad strides do not match" not in p.stdout + p.stderr
+
+
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(ddp_runs):
     """Rank 1 alone gets a NaN loss at its second step: both ranks stop with exit code 1 before the bad
     update, and the checkpoint on disk is the last good step."""
@@ -302,6 +309,40 @@ def test_every_method_runs_and_logs_its_terms(tmp_path, method):
                                         rel=1e-5)
 
 
+def _jpeg_shards(folder, n_shards=2, per_shard=8):
+    """Tar shards of small photo-like JPEGs of different sizes and aspects, with captions."""
+    import io
+    import tarfile
+    import numpy as np
+    from experiments.loaderbench import jpeg_bytes, photo
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{s:04d}.tar"), "w") as tar:
+            for j in range(per_shard):
+                h, w = int(rng.integers(30, 90)), int(rng.integers(30, 90))
+                for name, payload in ((f"{s}{j:03d}.jpg", jpeg_bytes(photo(h, w, 10 * s + j))),
+                                      (f"{s}{j:03d}.txt", f"photo {s} {j}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_crops_on_the_device_train_like_crops_in_the_workers(tmp_path):
+    """--crops=device (the workers decode and draw the random numbers; the step cuts the views, one
+    resampling call per resolution) against --crops=workers (the CPU default), same seeds: the same
+    logged losses at every step and the same weights, for SILC on the shapes world (object boxes, masks,
+    the local_foreground rule) and CLIP on tar shards of JPEGs of several sizes, decoded to the working
+    size (their crops placed in each photo's own frame)."""
+    _jpeg_shards(tmp_path / "shards")
+    cases = {"silc": ["--method=silc", "--n_local_crops=2", "--local_foreground=0.2"],
+             "tar": ["--method=clip", f"--data={tmp_path / 'shards'}", "--image_size=32"]}
+    for name, args in cases.items():
+        for placement in ("workers", "device"):
+            run_train(tmp_path / name / placement, *args, "--steps=3", "--batch_size=8", f"--crops={placement}")
+        assert_same_run(tmp_path / name / "workers", tmp_path / name / "device", atol=1e-6, params_atol=1e-6)
+
+
 def test_missing_data_path_is_a_clear_error(tmp_path):
     p = run_train(tmp_path / "x", "--data=/nonexistent/shards/{000..009}.tar", "--steps=1", check=False)
     assert p.returncode != 0
@@ -339,6 +380,49 @@ def test_torch_compile_training_step_matches_eager(method):
             assert ge[name].grad is None, name
             continue
         torch.testing.assert_close(p.grad, ge[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_conv_stem_gradients_have_their_parameters_strides():
+    """Under torch.compile, inductor returns the conv stem's 1x1 weight gradient channels-last when the
+    stem runs at two resolutions in one step (SILC's global and local crops): strides (16, 1, 16, 16)
+    against the contiguous weight's (16, 1, 1, 1). The same memory, but DDP compares strides literally:
+    "Grad strides do not match bucket view strides" (seen on CPU under gloo DDP with the whole SILC
+    step, as on the GPU; docs/benchmarks.md). train.build_student gives the stem channels-last weights
+    under --compile (clip.ConvStem.channels_last_): every gradient then has its parameter's strides.
+    The stem alone is compiled here (the whole step compiles for minutes on a cold cache)."""
+    cfg = train.resolve_method_defaults(train.parse_args(SMALL + ["--method=silc", "--compile=True"]))
+    clip_cfg, _ = train.build_model_config(cfg)
+    stem = train.build_student(cfg, clip_cfg, torch.device("cpu"))[0].clip.visual.stem
+    last = [m for m in stem if isinstance(m, torch.nn.Conv2d)][-1]
+    assert last.weight.shape == (32, 16, 1, 1) and last.weight.stride() == (16, 1, 16, 16)   # channels-last
+    glob, loc = torch.randn(8, 3, 64, 64), torch.randn(16, 3, 24, 24)      # the global and local crop sizes
+    torch.compile(lambda a, b: stem(a).square().mean() + stem(b).square().mean())(glob, loc).backward()
+    for name, p in stem.named_parameters():
+        assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU's gradient layout")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gradients_have_their_parameters_strides_on_cuda(compiled):
+    """On CUDA, train.build_student makes the conv stem's weights channels-last (clip.ConvStem.channels_last_),
+    the layout of the weight gradients cuDNN and the compiled backward return for its channels-last
+    activations: after a SILC step every gradient has exactly its parameter's strides, which is what DDP
+    checks before it warns "Grad strides do not match bucket view strides"."""
+    from ema import teacher_forward
+    cfg = train.resolve_method_defaults(train.parse_args(SMALL + ["--method=silc", "--n_local_crops=2", "--device=cuda"]))
+    clip_cfg, tok = train.build_model_config(cfg)
+    pretrainer, _, teacher = train.build_student(cfg, clip_cfg, torch.device("cuda"))
+    stem = [m for m in pretrainer.clip.visual.stem if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.stride()[1] == 1 for c in stem[1:])                       # channels-last, 1x1 included
+    dataset, collate_fn = train.build_train_data(cfg, clip_cfg.patch_size, tok)
+    batch = collate_fn([data.SeededSample(dataset, 0)[(i, 0)] for i in range(8)])
+    batch.pop("skipped")
+    batch = train.prepare_batch(batch, cfg, tok, clip_cfg.patch_size, 0, 0, torch.device("cuda"), trim=not compiled)
+    model = torch.compile(pretrainer) if compiled else pretrainer
+    model(batch, teacher_forward(teacher, batch, True, False), 0.04)["loss"].backward()
+    for name, p in pretrainer.named_parameters():
+        if p.grad is not None:
+            assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
 
 
 @pytest.mark.parametrize("method", ["maskclip", "silc+maskclip"])
