@@ -63,11 +63,10 @@ embedded shapes world (loaders/shapes.py), open_clip's csv files or webdataset t
    (seed, epoch, index) (`SeededSample`). So a run is reproducible, resumable at any step, and the
    same on 1 or N processes.
 
-6. Evaluation. No randomness: `CenterView` is the one evaluation view (the centred square, resized),
-   and `EvalBatches` reads every sample of an evaluation set once, in order, counting what it skips.
+6. Evaluation. No randomness: `CenterView` is the one evaluation view (the centred square, resized).
+   (loaders/imagetext.EvalBatches reads every sample of an evaluation set once, in order.)
 """
 
-import functools
 import math
 import random
 import re
@@ -698,61 +697,3 @@ def make_loader(dataset, collate_fn, batch_size, world, rank, accum, seed, start
     return torch.utils.data.DataLoader(SeededSample(dataset, seed), batch_sampler=sampler, collate_fn=collate_fn,
                                        num_workers=num_workers, persistent_workers=num_workers > 0,
                                        prefetch_factor=4 if num_workers > 0 else None, pin_memory=pin_memory)
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. Evaluation order: every sample once, in order, and the count of what was skipped
-# ------------------------------------------------------------------------------------------------
-def _fresh_skip_count(worker_id):
-    """DataLoader worker_init_fn: a forked worker inherits its parent's skip count; start it at 0."""
-    SKIPPED.clear()
-
-
-def _eval_collate(samples, tokenizer):
-    """(the batch or None, its reader's skip count): the count arrives even when the whole batch was skipped."""
-    return collate(samples, tokenizer), skip_count()
-
-
-class _ThenNone(torch.utils.data.IterableDataset):
-    """An iterable dataset followed by one None: the last batch is then collated after the stream has
-    ended, so its skip count includes the samples skipped after the last good one."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __iter__(self):
-        yield from self.dataset
-        yield None
-
-
-class EvalBatches:
-    """Every sample of an evaluation set once, in its order, batch_size at a time (collate: unreadable
-    samples come as None and are dropped), read by num_workers DataLoader workers. After a full pass,
-    .skipped is the number of samples skipped in it, summed over the workers.
-    A map-style dataset (csv, class folders) keeps its order and batches with any number of workers;
-    an iterable one (tar shards) is read by at most ONE worker, since several would each make their own
-    batches, and the batches (hence the val loss) would then depend on the worker count."""
-
-    def __init__(self, dataset, batch_size: int, tokenizer=None, num_workers: int = 0):
-        self.dataset, self.batch_size, self.tokenizer, self.num_workers = dataset, batch_size, tokenizer, num_workers
-        self.skipped = 0
-
-    def __iter__(self):
-        iterable = isinstance(self.dataset, torch.utils.data.IterableDataset)
-        workers = min(self.num_workers, 1) if iterable else self.num_workers
-        loader = torch.utils.data.DataLoader(
-            _ThenNone(self.dataset) if iterable else self.dataset, batch_size=self.batch_size, shuffle=False,
-            num_workers=workers,
-            collate_fn=functools.partial(_eval_collate, tokenizer=self.tokenizer),
-            worker_init_fn=_fresh_skip_count)
-        saved, counts = Counter(SKIPPED), {}                 # counts: reader id -> its running count
-        try:
-            for batch, (reader, count) in loader:
-                counts[reader] = count
-                if batch is not None:                         # (None: every sample of it was skipped)
-                    batch.pop("skipped")
-                    yield batch
-        finally:                                              # read in this process: the training log's
-            SKIPPED.clear()                                   # count stays the training data's own
-            SKIPPED.update(saved)
-        self.skipped = sum(c - (sum(saved.values()) if r == -1 else 0) for r, c in counts.items())

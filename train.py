@@ -54,7 +54,8 @@ from clip import CLIP, ConvStem, autocast_for, model_config, pick_device, trim_p
 from data import (EOT_ID, PAD_ID, ByteTokenizer, CenterView, MultiCrop, WordTokenizer, collate, make_loader,
                   view_batch)
 from ema import ema_update, make_teacher, teacher_forward
-from eval_seg import real_data_metrics, save_curves, shapes_metrics
+from eval_seg import real_data_metrics, shapes_metrics
+from experiments.curves import save_curves
 from loaders.classification import ClassFolderDataset
 from loaders.imagetext import build_dataset, build_eval_dataset
 from loaders.pretrained import config_from_checkpoint, load_pretrained_into
@@ -757,7 +758,7 @@ def log_evaluation(log_path, step, metrics):
 
 def draw_curves_of(log_path):
     """out_dir/curves.png from log.jsonl: every loss term, the lr and the evaluations against step
-    (eval_seg.draw_curves; written atomically). Nothing logged yet: no picture."""
+    (experiments/curves.py; written atomically). Nothing logged yet: no picture."""
     try:
         save_curves([log_path], os.path.join(os.path.dirname(log_path), "curves.png"))
     except (FileNotFoundError, ValueError):

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from clip import autocast_for, pick_device
-from data import CenterView, EvalBatches
+from data import CenterView
+from loaders.imagetext import EvalBatches
 from eval_seg import encode_images, topk_accuracy
 from experiments.probe import fit_logistic
 from loaders.classification import ClassFolderDataset

@@ -20,6 +20,7 @@ size. A path that does not exist is a FileNotFoundError when the dataset is buil
 """
 
 import copy
+import functools
 import csv
 import io
 import itertools
@@ -29,10 +30,11 @@ import random
 import re
 import tarfile
 import warnings
+from collections import Counter
 
 import torch
 
-from data import SKIPPED, decode_image, skip
+from data import SKIPPED, collate, decode_image, skip, skip_count
 from loaders.shapes import ShapesDataset
 
 
@@ -398,3 +400,61 @@ def build_eval_dataset(path: str, transform=None, csv_img_key: str = "filepath",
         raise FileNotFoundError(f"val data {path!r} is not a .csv/.tsv file, a folder of .tar shards, a .tar "
                                 f"file or a {{a..b}} shard pattern that exists")
     return TarShardDataset(path, transform, rank=0, world_size=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation order: every sample once, in order, and the count of what was skipped
+# ------------------------------------------------------------------------------------------------
+def _fresh_skip_count(worker_id):
+    """DataLoader worker_init_fn: a forked worker inherits its parent's skip count; start it at 0."""
+    SKIPPED.clear()
+
+
+def _eval_collate(samples, tokenizer):
+    """(the batch or None, its reader's skip count): the count arrives even when the whole batch was skipped."""
+    return collate(samples, tokenizer), skip_count()
+
+
+class _ThenNone(torch.utils.data.IterableDataset):
+    """An iterable dataset followed by one None: the last batch is then collated after the stream has
+    ended, so its skip count includes the samples skipped after the last good one."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        yield from self.dataset
+        yield None
+
+
+class EvalBatches:
+    """Every sample of an evaluation set once, in its order, batch_size at a time (collate: unreadable
+    samples come as None and are dropped), read by num_workers DataLoader workers. After a full pass,
+    .skipped is the number of samples skipped in it, summed over the workers.
+    A map-style dataset (csv, class folders) keeps its order and batches with any number of workers;
+    an iterable one (tar shards) is read by at most ONE worker, since several would each make their own
+    batches, and the batches (hence the val loss) would then depend on the worker count."""
+
+    def __init__(self, dataset, batch_size: int, tokenizer=None, num_workers: int = 0):
+        self.dataset, self.batch_size, self.tokenizer, self.num_workers = dataset, batch_size, tokenizer, num_workers
+        self.skipped = 0
+
+    def __iter__(self):
+        iterable = isinstance(self.dataset, torch.utils.data.IterableDataset)
+        workers = min(self.num_workers, 1) if iterable else self.num_workers
+        loader = torch.utils.data.DataLoader(
+            _ThenNone(self.dataset) if iterable else self.dataset, batch_size=self.batch_size, shuffle=False,
+            num_workers=workers,
+            collate_fn=functools.partial(_eval_collate, tokenizer=self.tokenizer),
+            worker_init_fn=_fresh_skip_count)
+        saved, counts = Counter(SKIPPED), {}                 # counts: reader id -> its running count
+        try:
+            for batch, (reader, count) in loader:
+                counts[reader] = count
+                if batch is not None:                         # (None: every sample of it was skipped)
+                    batch.pop("skipped")
+                    yield batch
+        finally:                                              # read in this process: the training log's
+            SKIPPED.clear()                                   # count stays the training data's own
+            SKIPPED.update(saved)
+        self.skipped = sum(c - (sum(saved.values()) if r == -1 else 0) for r, c in counts.items())

@@ -519,7 +519,7 @@ def test_shapes_metrics_against_a_hand_built_classifier():
 
 
 # ---------------------------------------------------------------------------------------------
-# Real data: zero-shot top-1 / top-5, retrieval and its val loss, the training curves
+# Real data: zero-shot top-1 / top-5, retrieval and its val loss
 # ---------------------------------------------------------------------------------------------
 def test_topk_accuracy_hand_computed_with_ties():
     scores = torch.tensor([[0.1, 0.9, 0.3, 0.2, 0.0, 0.5, 0.4],    # true 1: best -> top-1 and top-5
@@ -610,43 +610,3 @@ def test_zeroshot_classification_on_a_class_folder_against_a_hand_built_classifi
     assert m["zeroshot_images"] == 12 and m["zeroshot_skipped"] == 1
     assert m["zeroshot_top1"] == pytest.approx(hits1 / 12) and m["zeroshot_top5"] == pytest.approx(hits5 / 12)
     assert 0 < hits5 and hits1 < 12                         # the comparison is not trivially 0 or 1
-
-
-def test_training_curves_plot_the_logged_values(tmp_path):
-    """A synthetic log.jsonl (training records every 10 steps, evaluations every 50, one NaN, two runs):
-    every plotted point is a logged value at its step, at the pixel the panel's axes put it, drawn in
-    its run's colour; keys nobody logged get no panel; the PNG is written whole (no .tmp left)."""
-    log_a = [{"step": s, "lr": 1e-3 * s / 100, "contrastive": 5.0 - s / 50, "loss": 5.0, "samples_per_s": 1.0}
-             for s in range(10, 101, 10)]
-    log_a += [{"step": 50, "zeroshot_top1": 0.2, "val_i2t_r1": 0.1}, {"step": 100, "zeroshot_top1": 0.4,
-                                                                      "val_i2t_r1": float("nan")}]
-    log_b = [{"step": s, "lr": 5e-4, "contrastive": 4.0, "sd": 3.0 - s / 100} for s in (20, 40)]
-    for name, log in (("a", log_a), ("b", log_b)):
-        os.makedirs(tmp_path / name)
-        with open(tmp_path / name / "log.jsonl", "w") as f:
-            f.write("\n".join(json.dumps(r) for r in log) + "\n")
-    out = str(tmp_path / "curves.png")
-    points = eval_seg.save_curves([str(tmp_path / "a" / "log.jsonl"), str(tmp_path / "b" / "log.jsonl")], out)
-    assert os.path.exists(out) and not os.path.exists(out + ".tmp")
-    assert list(points) == ["contrastive", "sd", "lr", "zeroshot_top1", "val_i2t_r1"]     # CURVE_KEYS order
-    img = Image.open(out).convert("RGB")
-    colour = {"a": eval_seg.DISTINCT_COLOURS[0], "b": eval_seg.DISTINCT_COLOURS[1]}
-    for key, per_run in points.items():
-        for label, log in (("a", log_a), ("b", log_b)):
-            want = [(r["step"], r[key]) for r in log if key in r and math.isfinite(r[key])]
-            got = per_run.get(label, [])
-            assert [(t, v) for t, v, _, _ in got] == want, (key, label)
-        xs = [(t, x) for pts in per_run.values() for t, _, x, _ in pts]
-        ys = [(v, y) for pts in per_run.values() for _, v, _, y in pts]
-        # x is linear in the step from 0 (the panel's left edge) to the last step, 100, for every panel
-        (t0, x0), (t1, x1) = min(xs), max(xs)
-        assert all(abs(x - (x0 + (x1 - x0) * (t - t0) / (t1 - t0 or 1))) < 1e-6 for t, x in xs)
-        # y is linear and decreasing in the value
-        (v0, y0), (v1, y1) = min(ys), max(ys)
-        assert all(abs(y - (y0 + (y1 - y0) * (v - v0) / (v1 - v0 or 1))) < 1e-6 for v, y in ys) and (v1 == v0 or y1 < y0)
-    for key, per_run in points.items():
-        for label, pts in per_run.items():
-            for _, _, x, y in pts:
-                assert img.getpixel((round(x), round(y))) == colour[label], (key, label)
-    with pytest.raises(ValueError, match="nothing to draw"):
-        eval_seg.draw_curves({"x": [{"step": 1, "other": 2.0}]})

@@ -543,8 +543,8 @@ def test_class_folder_labels_names_and_bad_input(tmp_path):
 def test_eval_sets_read_every_pair_once_and_count_the_bad_ones(tmp_path):
     """write_shapes_files' val set with its bad samples: the csv reader gives None for the corrupt image
     and the empty caption (no replacement row: a pair must not count twice), the tar reader skips them;
-    data.EvalBatches reads every good pair once, in order, with 0 or 2 workers, and counts 2 skipped."""
-    from data import EvalBatches
+    loaders.imagetext.EvalBatches reads every good pair once, in order, with 0 or 2 workers, and counts 2 skipped."""
+    from loaders.imagetext import EvalBatches
     from loaders.imagetext import build_eval_dataset
     from loaders.shapes import write_shapes_files
     paths = write_shapes_files(str(tmp_path), n_train=4, n_val=6, n_class=1, size=32, bad_samples=True)
