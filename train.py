@@ -748,6 +748,22 @@ def evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, eval_set
     return metrics
 
 
+def start_log(log_path, start_step):
+    """log.jsonl as this run continues it: a fresh run (start_step 0) starts an empty log, so no earlier
+    run's records in the same out_dir end up in its curves; a resumed run keeps the records up to its
+    checkpoint's step and drops any that a killed run wrote after it (they are about to be redone)."""
+    if not os.path.exists(log_path):
+        return
+    kept = []
+    if start_step > 0:
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    tmp = log_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, log_path)
+
+
 def log_evaluation(log_path, step, metrics):
     """An evaluation's metrics into log.jsonl with its step (beside the training records), and the
     training curves redrawn."""
@@ -787,6 +803,7 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     start_step = ckpt["step"] if ckpt is not None else 0
     if master:
+        start_log(log_path, start_step)
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print(f"world size {world}, device {device}, micro-batch per rank {micro}, first step {start_step}")
     autocast_ctx = autocast_for(device)

@@ -1,14 +1,17 @@
-"""experiments/ablate.py: does self-distillation make better dense features? One command trains clip, silc,
-maskclip and silc+maskclip with the same model, data, steps and seeds, evaluates each, and writes a
-table, a bar chart and a JSON summary.
+"""experiments/ablate.py: does self-distillation make better dense features? One command trains clip,
+clip+views (SILC's views and contrastive loss, distillation weight 0: the control that separates extra
+views from distillation), silc, maskclip and silc+maskclip with the same model, data, steps and seeds,
+evaluates each (the student, and the EMA teacher where there is one), and writes a table, a bar chart
+and a JSON summary.
 
 Each run is a subprocess of train.py (so the ablation measures exactly what anyone gets from it):
 
     python train.py --method=M --seed=S --steps=T --eval_split=SPLIT --out_dir=OUT_ROOT/M_sS [extra]
 
 and is read back from its metrics.json (train.py's final evaluation on the shapes data: zero-shot
-classification, image<->text retrieval R@1, zero-shot segmentation mIoU and foreground-only mIoU
-with naive and MaskCLIP-trick dense features) and its log.jsonl (training throughput).
+classification, image<->text retrieval R@1, zero-shot segmentation mIoU on shapes8, background
+ignored as on VOC-20, with every dense readout and their best, and shapes9 with background as a class)
+and its log.jsonl (training throughput).
 Then experiments/probe.py fits a dense linear probe on the run's patch features (naive and MaskCLIP trick:
 fitted on the tune split, scored on val), which tells apart "the patch features do not know the
 classes" from "they know them but do not line up with the class names" (--no_probe skips it).

@@ -286,6 +286,27 @@ def test_resume_is_exact(tmp_path, method):
     assert_same_run(tmp_path / "full", tmp_path / "split", atol=0, params_atol=0, steps={3, 4})
 
 
+def test_start_log_fresh_run_empties_it_and_resume_keeps_records_up_to_the_checkpoint(tmp_path):
+    """A fresh run must not append to an earlier run's log.jsonl (its curves would mix two runs); a
+    resumed run keeps what came before its checkpoint and drops what a killed run logged after it."""
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.9}, {"step": 2, "zeroshot_acc": 0.3},
+               {"step": 3, "loss": 3.8}, {"step": 4, "loss": 3.7}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train.start_log(str(log), 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:3]
+    train.start_log(str(log), 0)
+    assert log.read_text() == ""
+    train.start_log(str(tmp_path / "absent.jsonl"), 0)          # no log yet: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()
+    # end to end: a stale log in the out_dir is replaced by this run's own records
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 6)))
+    run_train(tmp_path / "run", "--steps=2", "--batch_size=8")
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
+    assert all(r["loss"] != 9.0 for r in read_log(tmp_path / "run"))
+
+
 def test_non_finite_loss_stops_with_a_message(tmp_path):
     p = run_train(tmp_path / "nan", "--steps=6", "--batch_size=8", "--lr=1e30", "--warmup_steps=1",
                   "--grad_clip=0", "--ckpt_interval=1", check=False)
