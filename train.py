@@ -764,12 +764,10 @@ def start_log(log_path, start_step):
     os.replace(tmp, log_path)
 
 
-def log_evaluation(log_path, step, metrics):
-    """An evaluation's metrics into log.jsonl with its step (beside the training records), and the
-    training curves redrawn."""
+def append_log(log_path, record):
+    """One record (a training step's terms, or an evaluation's metrics with its step) into log.jsonl."""
     with open(log_path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    draw_curves_of(log_path)
+        f.write(json.dumps(record) + "\n")
 
 
 def draw_curves_of(log_path):
@@ -846,12 +844,12 @@ def main(argv=None):
             t_last, samples_since = time.time(), 0
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.0f}")
             if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_log(log_path, rec)
         pbar.update(1)
         if master and cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
             m = evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, eval_sets)
-            log_evaluation(log_path, step + 1, m)
+            append_log(log_path, {"step": step + 1, **m})
+            draw_curves_of(log_path)
             tqdm.write(f"step {step + 1}: {m}")
         if master and ((step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.steps, cfg.stop_at)):
             save_checkpoint(ckpt_path, pretrainer, teacher, optimizer, step + 1, cfg, tokenizer)
@@ -866,7 +864,7 @@ def main(argv=None):
         t0 = time.time()
         metrics = evaluate(pretrainer, teacher, cfg, tokenizer, device, autocast_ctx, eval_sets, pictures=True)
         if metrics:
-            log_evaluation(log_path, cfg.steps, metrics)
+            append_log(log_path, {"step": cfg.steps, **metrics})
         metrics["step"] = cfg.steps
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
