@@ -27,11 +27,13 @@ public checkpoints map onto it name by name):
 Two stems turn pixels into patch tokens:
   * "linear": a p x p convolution with stride p (one linear map per patch), as in public CLIP.
   * "conv": Xiao et al. 2021, "Early convolutions help transformers see better": log2(p) stride-2
-    3x3 convolutions (each followed by a per-pixel LayerNorm and ReLU) and a final 1x1 convolution.
-    On the small shapes world it learned shape far faster than the linear stem (docs/experiments.md).
-    BatchNorm (Xiao et al.'s choice) is replaced by a per-pixel LayerNorm: BatchNorm mixes the
-    samples of a batch, which would make an image's features depend on its batch-mates (breaking
-    masking invariances and DDP-vs-single-process equality).
+    3x3 convolutions (each followed by a norm and ReLU), `stem_convs` stride-1 3x3 convolutions at
+    the patch grid, and a final 1x1 convolution. On the small shapes world it learns shape far
+    faster than the linear stem (docs/experiments.md, "The conv stem").
+    BatchNorm (Xiao et al.'s choice) is replaced by an instance norm (each channel over the
+    positions of its own image): BatchNorm mixes the samples of a batch, which would make an
+    image's features depend on its batch-mates (breaking masking invariances and
+    DDP-vs-single-process equality).
 
 Masked inputs (for MaskCLIP, Dong et al. 2022, and iBOT-style masked distillation), mask [B, N] bool,
 True = masked:
@@ -70,8 +72,9 @@ class CLIPConfig:
     image_size: int = 64            # training resolution (square); the position grid is image_size // patch_size
     patch_size: int = 8
     stem: str = "conv"              # "linear" (public CLIP) | "conv" (Xiao et al. 2021)
+    stem_convs: int = 4             # conv stem: extra 3x3 stride-1 convs at the patch grid (local mixing before attention)
     vision_width: int = 128
-    vision_layers: int = 4
+    vision_layers: int = 3
     vision_heads: int = 4
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio * width (both towers)
     context_length: int = 64        # 64 bytes fit the shapes captions (data.py's byte tokenizer)
@@ -112,15 +115,16 @@ class CLIPConfig:
 # configs); S/16 has no OpenAI checkpoint and keeps open_clip's default GELU.
 # NOTE: to train these sizes with data.py's byte tokenizer, override vocab_size, eot_token_id and
 # context_length (model_config(size, vocab_size=260, eot_token_id=2, context_length=64)).
-_PUBLIC = dict(image_size=224, stem="linear", context_length=77, vocab_size=49408,
+_PUBLIC = dict(image_size=224, stem="linear", stem_convs=0, context_length=77, vocab_size=49408,
                eot_token_id=49407, pad_token_id=0, mlp_ratio=4.0)
 
 MODEL_SIZES: dict[str, dict] = {
-    # CPU default: 64x64 shapes images, 8-px patches (8x8 grid), conv stem; ~1.5M parameters.
+    # CPU default: 64x64 shapes images, 8-px patches (8x8 grid), conv stem with 4 stride-1 convs at the
+    # patch grid and 3 ViT blocks (docs/experiments.md, "The conv stem"); ~1.4M parameters.
     # 8-px patches: a training step costs ~4x less than with 4-px patches (64 vs 256 tokens), which
     # is what lets `python train.py` see ~30k samples in ~8 CPU minutes. patch_size=4 gives a finer
     # segmentation grid at 4x the cost.
-    "tiny": dict(image_size=64, patch_size=8, stem="conv", vision_width=128, vision_layers=4,
+    "tiny": dict(image_size=64, patch_size=8, stem="conv", stem_convs=4, vision_width=128, vision_layers=3,
                  vision_heads=4, mlp_ratio=4.0, context_length=64, vocab_size=260, text_width=128,
                  text_layers=3, text_heads=4, embed_dim=128, act="gelu", eot_token_id=2, pad_token_id=0),
     # open_clip ViT-S-16.json: embed 384, vision 384/12, text 384/12/6 (no public OpenAI weights).
@@ -236,16 +240,6 @@ def init_blocks_(blocks: nn.ModuleList, width: int):
 # Vision tower
 # ----------------------------------------------------------------------------------------------
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of each pixel separately: [B, C, H, W] -> [B, C, H, W].
-
-    Local (per sample, per pixel), unlike BatchNorm, so no image ever depends on another one.
-    """
-
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 def conv_stem_channels(width: int, patch_size: int) -> list[int]:
     """Output channels of the stride-2 convs of ConvStem: doubling up to width / 2, e.g. (128, 4) -> [32, 64]."""
     n = int(math.log2(patch_size))
@@ -261,20 +255,34 @@ def channels_last(w: torch.Tensor) -> torch.Tensor:
 
 
 class ConvStem(nn.Sequential):
-    """Early convolutions (Xiao et al. 2021): log2(p) x [3x3 conv stride 2 -> LayerNorm -> ReLU] -> 1x1 conv.
+    """Early convolutions (Xiao et al. 2021): log2(p) x [3x3 conv stride 2 -> norm -> ReLU], then
+    `extra` x [3x3 conv stride 1 -> norm -> ReLU] at the patch grid, then a 1x1 conv.
 
     Maps [B, 3, H, W] to [B, width, H/p, W/p], like the linear stem, but each token now summarises
-    its patch through a small convolutional hierarchy (with some overlap into neighbouring patches).
+    its patch through a small convolutional hierarchy (with some overlap into neighbouring patches),
+    and the stride-1 convs mix each token with its 8 neighbours before any attention has learned to.
+
+    The norm is an instance norm (GroupNorm with one group per channel): each channel is normalised
+    over the positions of its own image. Xiao et al. use BatchNorm; a per-image norm keeps every
+    image independent of the others. It must not be a LayerNorm over the channels of each pixel:
+    that scales a flat background pixel and an edge pixel to the same size, so edges, which is what
+    a shape is made of, no longer stand out. Measured on the shapes world (docs/experiments.md,
+    "The conv stem"): with the per-pixel LayerNorm the tiny ViT stays at chance for 150 supervised
+    steps; with the instance norm and 2 extra convs it is at 73% single-shape top-1 after 200.
     """
 
-    def __init__(self, width: int, patch_size: int):
+    def __init__(self, width: int, patch_size: int, extra: int = 0):
         if not _is_power_of_two(patch_size):
             raise ValueError(f"ConvStem needs a power-of-2 patch_size, got {patch_size}")
         layers, c_in = [], 3
         for c_out in conv_stem_channels(width, patch_size):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1),
-                       ChannelLayerNorm(c_out), nn.ReLU()]
+            # no bias: the norm right after it subtracts each channel's mean, a bias with it
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(c_out, c_out), nn.ReLU()]
             c_in = c_out
+        for _ in range(extra):
+            layers += [nn.Conv2d(c_in, c_in, kernel_size=3, stride=1, padding=1, bias=False),
+                       nn.GroupNorm(c_in, c_in), nn.ReLU()]
         layers.append(nn.Conv2d(c_in, width, kernel_size=1))
         super().__init__(*layers)
 
@@ -282,16 +290,16 @@ class ConvStem(nn.Sequential):
         """Give the convs that read channels-last activations (all but the first) channels-last weights,
         in place. train.build_student calls it on GPUs and under torch.compile.
 
-        From the first LayerNorm on, every activation here is channels-last in memory (ChannelLayerNorm
-        normalises the last axis of [B, H, W, C]). From such inputs the GPU's convolutions (cuDNN) and
-        the compiled backward (inductor, on CPUs too: SILC's 1x1 conv gradient, summed over the global
-        and the local crops, comes back as (C, 1, C, C)) return channels-last weight gradients, and a
-        gradient must take its parameter's strides: with contiguous weights, autograd copies each such
-        3x3 gradient into the parameter's layout, and the 1x1 conv's gradient, the same memory in strides
-        that differ only on its size-1 axes, makes DDP warn "Grad strides do not match bucket view
-        strides" (DDP compares strides literally). With channels-last weights, weights, gradients and
-        DDP's buckets share one layout. The first conv reads the image, contiguous, and keeps a
-        contiguous weight.
+        A convolution runs channels-last when its input or its weight is, and its output stays so
+        through the instance norms and ReLUs; with these weights every activation after the first conv
+        is channels-last on a GPU. The GPU's convolutions (cuDNN) and the compiled backward (inductor,
+        on CPUs too: SILC's 1x1 conv gradient, summed over the global and the local crops, comes back
+        as (C, 1, C, C)) then return channels-last weight gradients, and a gradient must take its
+        parameter's strides: with contiguous weights, autograd copies each such 3x3 gradient into the
+        parameter's layout, and the 1x1 conv's gradient, the same memory in strides that differ only on
+        its size-1 axes, makes DDP warn "Grad strides do not match bucket view strides" (DDP compares
+        strides literally). With channels-last weights, weights, gradients and DDP's buckets share one
+        layout. The first conv reads the image, contiguous, and keeps a contiguous weight.
         Not in eager mode on a CPU: there oneDNN returns each weight gradient in its weight's own layout,
         so contiguous weights already agree, and a reduction over a channels-last gradient (the norm of
         gradient clipping) adds in another order: the CPU default run would no longer repeat bit for
@@ -373,7 +381,7 @@ class VisionTransformer(nn.Module):
             # One linear map per non-overlapping patch; no bias, as in OpenAI CLIP's conv1.
             self.stem = nn.Conv2d(3, D, kernel_size=p, stride=p, bias=False)
         else:
-            self.stem = ConvStem(D, p)
+            self.stem = ConvStem(D, p, config.stem_convs)
         scale = D ** -0.5
         # open_clip VisionTransformer: class and position embeddings ~ N(0, width^-0.5), proj likewise.
         self.cls_token = nn.Parameter(scale * torch.randn(D))                          # [D]
@@ -593,6 +601,7 @@ def flops_per_image(config: CLIPConfig, image_size: int | None = None, n_visible
             side //= 2
             stem += 2 * side * side * c_in * c_out * 9
             c_in = c_out
+        stem += config.stem_convs * 2 * g * g * c_in * c_in * 9  # the stride-1 3x3 convs at the patch grid
         stem += 2 * g * g * c_in * D                            # the final 1x1 conv
     n = g * g if n_visible is None else n_visible
     return stem + transformer_flops(1 + n, D, config.vision_layers, config.mlp_ratio) + 2 * D * config.embed_dim

@@ -100,6 +100,7 @@ class Config:
     model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
     patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it
     stem: str = ""                  # "" = the named size's; "linear" (public CLIP) | "conv" (Xiao et al. 2021)
+    stem_convs: int = -1            # -1 = the named size's; extra 3x3 stride-1 convs of the conv stem (clip.ConvStem)
     vision_width: int = 0
     vision_layers: int = 0
     text_width: int = 0
@@ -253,6 +254,8 @@ def build_model_config(cfg):
     sigmoid = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0) if cfg.loss == "sigmoid" else {}
     overrides = {k: getattr(cfg, k) for k in ("patch_size", "stem", "vision_width", "vision_layers",
                                               "text_width", "text_layers", "embed_dim") if getattr(cfg, k)}
+    if cfg.stem_convs >= 0:
+        overrides["stem_convs"] = cfg.stem_convs
     try:
         if cfg.init_from:
             ckpt_cfg, tokenizer = config_from_checkpoint(cfg.init_from, cfg.bpe_path, act=cfg.init_act)

@@ -524,3 +524,24 @@ def test_trim_padding_is_exact_and_keeps_rows_without_eot():
     no_eot = tokens.clone()
     no_eot[1, 10] = 7
     assert trim_padding(no_eot, cfg.eot_token_id) is no_eot
+
+
+def test_conv_stem_normalises_each_channel_over_its_own_image():
+    """clip.ConvStem's norm is an instance norm: after the first conv + norm, each channel of each
+    image has mean 0 and variance 1 over that image's positions (checked against the formula), an
+    image's tokens do not depend on its batch-mates (a BatchNorm would fail this), and the stem sees
+    contrast, not exposure: scaling an image's pixels by 2.5 leaves its tokens unchanged up to the
+    norm's eps (the convs before a norm have no bias)."""
+    torch.manual_seed(0)
+    stem = clip.ConvStem(64, 8, extra=2).eval()
+    conv, norm = stem[0], stem[1]
+    assert conv.bias is None
+    x = torch.randn(5, 3, 64, 64)
+    h = conv(x)                                                                   # [5, C, 32, 32]
+    by_hand = (h - h.mean((2, 3), keepdim=True)) / torch.sqrt(h.var((2, 3), unbiased=False, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(h), by_hand * norm.weight[:, None, None] + norm.bias[:, None, None])
+    alone = stem(x[:1])
+    torch.testing.assert_close(stem(x)[:1], alone, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stem(torch.cat([x[:1], 3 * torch.randn(4, 3, 64, 64)]))[:1], alone, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stem(2.5 * x[:1]), alone, atol=1e-4, rtol=1e-4)
+    assert (stem(x[1:2]) - alone).abs().max() > 0.1                                 # a different image differs
