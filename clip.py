@@ -94,6 +94,10 @@ class CLIPConfig:
             raise ValueError(f"stem must be 'linear' or 'conv', got {self.stem!r}")
         if self.act not in ("gelu", "quick_gelu"):
             raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {self.act!r}")
+        if self.stem == "linear":
+            self.stem_convs = 0     # a linear stem has no convs to add: one config per model (e.g. tiny with --stem=linear)
+        if self.stem_convs < 0:
+            raise ValueError(f"stem_convs must be >= 0, got {self.stem_convs}")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.stem == "conv" and not _is_power_of_two(self.patch_size):
