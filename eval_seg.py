@@ -654,7 +654,7 @@ def recall_at_k(sim, match, ks=(1, 5)):
     (match_ranks < k). Shapes captions repeat ("two circles"), so there every candidate with the same
     caption counts; held-out image-text sets count the pair's own caption only, as open_clip does."""
     rank = match_ranks(sim, match)
-    return {k: (rank < k).float().mean().item() for k in ks}
+    return {k: int((rank < k).sum()) / len(rank) for k in ks}      # the exact fraction hits / queries
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):
