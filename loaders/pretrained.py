@@ -298,7 +298,7 @@ def _infer_config(sd: dict, act: str, vision_heads, text_heads, eot_token_id) ->
     # clip.py builds hidden = int(width * mlp_ratio) in both towers, so one ratio must fit both.
     mlp_ratio = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vision_width
     return CLIPConfig(
-        image_size=grid * patch_size, patch_size=patch_size, stem="linear", stem_convs=0,
+        image_size=grid * patch_size, patch_size=patch_size, stem="linear",
         vision_width=vision_width, vision_layers=n_blocks("visual.transformer.resblocks."),
         vision_heads=vision_heads or vision_width // 64, mlp_ratio=mlp_ratio,
         context_length=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
