@@ -17,7 +17,8 @@ public checkpoints map onto it name by name):
       + position embedding (bicubic-resized when the grid differs from the training grid)
       (optional masking: replace masked tokens by a mask token, or drop them)
       prepend the class token -> ln_pre -> L x Block -> ln_post
-      embed  = proj(ln_post(x)[:, 0])          [B, E]   (the pooled image embedding)
+      embed  = proj(ln_post(x)[:, 0])          [B, E]   (the pooled image embedding; pool="mean":
+                                                            proj(mean of ln_post(x)[:, 1:]))
       tokens = ln_post(x)                      [B, 1+N, D] (dense features; proj(tokens[:, 1:]) are
                                                             patch features in the joint space)
 
@@ -83,6 +84,7 @@ class CLIPConfig:
     text_layers: int = 3
     text_heads: int = 4
     embed_dim: int = 128            # joint image-text space E
+    pool: str = "cls"               # image embedding: "cls" (the class token, OpenAI CLIP) | "mean" (of the patch tokens)
     act: str = "gelu"               # "gelu" | "quick_gelu" (OpenAI checkpoints use x * sigmoid(1.702 x))
     eot_token_id: int = 2           # text is pooled at the first occurrence of this id
     pad_token_id: int = 0
@@ -92,6 +94,8 @@ class CLIPConfig:
     def __post_init__(self):
         if self.stem not in ("linear", "conv"):
             raise ValueError(f"stem must be 'linear' or 'conv', got {self.stem!r}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.act not in ("gelu", "quick_gelu"):
             raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {self.act!r}")
         if self.stem == "linear":
@@ -381,6 +385,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = p
         self.grid_size = config.image_size // p                  # training grid G (G x G patches)
         self.stem_type = config.stem
+        self.pool = config.pool
         if config.stem == "linear":
             # One linear map per non-overlapping patch; no bias, as in OpenAI CLIP's conv1.
             self.stem = nn.Conv2d(3, D, kernel_size=p, stride=p, bias=False)
@@ -448,7 +453,15 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         tokens = self.ln_post(x)                               # [B, 1 + N', D]
-        return self.proj(tokens[:, 0]), tokens                 # [B, E], [B, 1 + N', D]
+        return self.proj(self.pooled(tokens)), tokens          # [B, E], [B, 1 + N', D]
+
+    def pooled(self, tokens):
+        """The one token that stands for the image, [B, 1+N', D] -> [B, D]: the class token (pool="cls",
+        OpenAI CLIP), or the mean of the patch tokens (pool="mean"; open_clip's pool_type="avg").
+        With the mean, every patch token is in the embedding the contrastive loss trains, so each
+        patch is pushed toward its caption; with the class token only attention carries the loss to
+        the patches. Measured on the shapes world: docs/experiments.md, "After the new stem"."""
+        return tokens[:, 1:].mean(1) if self.pool == "mean" else tokens[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def teacher_forward(teacher: nn.Module, batch: dict, use_sd: bool, use_mask: boo
     n_g, b = src.shape[:2]
     _, tok = teacher["visual"](src.flatten(0, 1))                               # [n_g*b, 1+N, D]
     if use_sd:
-        out["global"] = list(teacher["head"](tok[:, 0]).chunk(n_g))             # n_g x [b, K]
+        out["global"] = list(teacher["head"](teacher["visual"].pooled(tok)).chunk(n_g))   # n_g x [b, K]
     if use_mask:
         out["patch"] = teacher["patch_head"](tok[:b, 1:])                       # [b, N, K] of view 0
     return out

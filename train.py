@@ -100,6 +100,7 @@ class Config:
     model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
     patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it
     stem: str = ""                  # "" = the named size's; "linear" (public CLIP) | "conv" (Xiao et al. 2021)
+    pool: str = ""                  # "" = the named size's; "cls" | "mean" (clip.CLIPConfig.pool)
     stem_convs: int = -1            # -1 = the named size's; extra 3x3 stride-1 convs of the conv stem (clip.ConvStem)
     vision_width: int = 0
     vision_layers: int = 0
@@ -253,7 +254,7 @@ def cleanup(world, owned=True):
 def build_model_config(cfg):
     sigmoid = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0) if cfg.loss == "sigmoid" else {}
     overrides = {k: getattr(cfg, k) for k in ("patch_size", "stem", "vision_width", "vision_layers",
-                                              "text_width", "text_layers", "embed_dim") if getattr(cfg, k)}
+                                              "text_width", "text_layers", "embed_dim", "pool") if getattr(cfg, k)}
     if cfg.stem_convs >= 0:
         overrides["stem_convs"] = cfg.stem_convs
     try:
@@ -352,7 +353,7 @@ class Pretrainer(nn.Module):
             self.clip.visual.mask_token.requires_grad_(False)
         D = clip_cfg.vision_width
         if self.use_sd:
-            # SILC: the DINO head on the class token of every crop (sizes: see Config)
+            # SILC: the DINO head on the pooled token of every crop (clip.VisionTransformer.pooled; sizes: see Config)
             self.head = DINOHead(D, cfg.head_hidden, cfg.head_bottleneck, cfg.head_out)
             self.l2g_loss = LocalToGlobalLoss(cfg.head_out, student_temp=cfg.student_temp)
         if self.use_mask:
@@ -409,14 +410,14 @@ class Pretrainer(nn.Module):
         return sum(loss(img[v], txt, scale, bias) for v in range(img.shape[0])) / img.shape[0]
 
     def local_to_global_loss(self, batch, g_tok, teacher_out, teacher_temp):
-        """SILC: the student's class token of EVERY view (global and local) must predict the
+        """SILC: the student's pooled token of EVERY view (global and local) must predict the
         teacher's distribution on each OTHER global view."""
         n_g = batch["global_crops"].shape[0]
-        student = list(self.head(g_tok[:, 0]).chunk(n_g))                      # n_g x [b, K]
+        student = list(self.head(self.clip.visual.pooled(g_tok)).chunk(n_g))   # n_g x [b, K]
         if batch.get("local_crops") is not None and batch["local_crops"].shape[0] > 0:
             l = batch["local_crops"]                                            # [n, b, 3, s, s]
             _, l_tok = self.clip.visual(l.flatten(0, 1))
-            student += list(self.head(l_tok[:, 0]).chunk(l.shape[0]))
+            student += list(self.head(self.clip.visual.pooled(l_tok)).chunk(l.shape[0]))
         return self.l2g_loss(student, teacher_out["global"], teacher_temp)
 
     def masked_loss(self, batch, teacher_out, teacher_temp, n_slots=1):

@@ -765,7 +765,8 @@ def open_clip_model_cfg(config: CLIPConfig) -> dict:
         "quick_gelu": config.act == "quick_gelu",
         "vision_cfg": {"image_size": config.image_size, "patch_size": config.patch_size,
                        "width": config.vision_width, "layers": config.vision_layers,
-                       "head_width": config.vision_width // config.vision_heads, "mlp_ratio": config.mlp_ratio},
+                       "head_width": config.vision_width // config.vision_heads, "mlp_ratio": config.mlp_ratio,
+                       "pool_type": "avg" if config.pool == "mean" else "tok"},   # ln_post, then the pool (open_clip's order)
         "text_cfg": {"context_length": config.context_length, "vocab_size": config.vocab_size,
                      "width": config.text_width, "heads": config.text_heads, "layers": config.text_layers,
                      "mlp_ratio": config.mlp_ratio, "pad_id": config.pad_token_id,

@@ -454,6 +454,30 @@ def test_tiny_forward_is_normalised_and_encoders_agree():
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-6) and bias is None
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_image_embedding_pools_the_class_token_or_the_patch_mean(pool):
+    """pool="cls": proj of the class token after ln_post; pool="mean": proj of the mean of the N patch
+    tokens after ln_post (open_clip's pool_type="avg"), each recomputed here by hand from the blocks;
+    with drop masking the mean runs over the visible patches only."""
+    torch.manual_seed(0)
+    vit = CLIP(small_config(pool=pool)).visual
+    images = torch.randn(2, 3, 64, 64)
+    x = vit.embed(images)
+    for blk in vit.blocks:
+        x = blk(x)
+    t = F.layer_norm(x, (x.shape[-1],), vit.ln_post.weight, vit.ln_post.bias, eps=vit.ln_post.eps)  # [2, 1+N, D]
+    N = t.shape[1] - 1                                                     # 256 patches of 4 px
+    want = t[:, 0] if pool == "cls" else t[:, 1:].sum(1) / N
+    torch.testing.assert_close(vit(images)[0], want @ vit.proj.weight.T)
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    mask[:, ::2] = True                                                    # hide every other patch
+    emb, tok = vit(images, mask=mask, mask_mode="drop")
+    assert tok.shape[1] == 1 + N // 2
+    torch.testing.assert_close(emb, vit.proj(tok[:, 0] if pool == "cls" else tok[:, 1:].sum(1) / (N // 2)))
+    with pytest.raises(ValueError, match="pool"):
+        small_config(pool="max")
+
+
 def test_logit_scale_clamp_and_bias():
     model = CLIP(small_config(init_logit_scale=math.log(10), init_logit_bias=-10.0))
     assert isinstance(model.logit_bias, nn.Parameter) and model.logit_bias.item() == -10.0

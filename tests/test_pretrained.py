@@ -603,6 +603,8 @@ def test_export_is_the_import_read_backwards(tmp_path):
     cfg = open_clip_model_cfg(config)
     assert cfg["vision_cfg"]["head_width"] == 32 and cfg["text_cfg"]["heads"] == 2 and cfg["quick_gelu"]
     assert cfg["text_cfg"]["pool_type"] == "eos" and cfg["text_cfg"]["eos_id"] == 2 and cfg["init_logit_bias"] == -10.0
+    assert cfg["vision_cfg"]["pool_type"] == "tok"
+    assert open_clip_model_cfg(replace(config, pool="mean"))["vision_cfg"]["pool_type"] == "avg"
     with pytest.raises(ValueError, match="--stem=linear"):
         open_clip_model_cfg(model_config("tiny"))
     # the command's function on a checkpoint file: training-only parts left behind, the teacher on request
@@ -645,7 +647,7 @@ def train_and_export(tmp_path, name, *flags):
     ("custom", ["--stem=linear", "--patch_size=4", "--image_size=32", "--vision_width=96", "--vision_layers=2",
                 "--text_width=64", "--text_layers=2", "--embed_dim=48", "--loss=sigmoid", "--method=silc",
                 "--n_local_crops=2", "--head_hidden=32", "--head_bottleneck=16", "--head_out=64",
-                "--data=shapes", "--tokenizer=byte"]),
+                "--data=shapes", "--tokenizer=byte", "--pool=mean"]),
 ])
 def test_exported_model_gives_our_embeddings_in_open_clip(open_clip, tmp_path, name, flags):
     """open_clip.create_model_and_transforms('local-dir:...') on the exported folder of a trained
