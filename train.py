@@ -620,7 +620,7 @@ def train_step(model, pretrainer, teacher, optimizer, batches, step, cfg, autoca
         dist.all_reduce(bad)
     if bad.item() > 0:
         raise NonFiniteLoss(f"non-finite loss at step {step} ({ {k: float(v) for k, v in terms.items()} })")
-    apply_update(pretrainer, optimizer, cfg, step, teacher if distill else None, values["momentum"])
+    terms["grad_norm"] = apply_update(pretrainer, optimizer, cfg, step, teacher if distill else None, values["momentum"])
     terms["lr"] = values["lr"]
     if distill:
         terms["momentum"] = values["momentum"]
@@ -628,13 +628,16 @@ def train_step(model, pretrainer, teacher, optimizer, batches, step, cfg, autoca
 
 
 def apply_update(pretrainer, optimizer, cfg, step, teacher=None, momentum=None):
-    """After backward: clip, (DINO) cancel the last head layer's early gradient, AdamW, clamp, EMA."""
+    """After backward: clip, (DINO) cancel the last head layer's early gradient, AdamW, clamp, EMA.
+    -> the gradient's global norm before clipping (logged as grad_norm: above grad_clip, global
+    clipping shrinks every tensor, the contrastive towers' with the heads')."""
+    params = [p for p in pretrainer.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if cfg.grad_clip > 0 and cfg.grad_clip_mode == "global":
-        torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
     elif cfg.grad_clip > 0:                             # DINO's utils.clip_gradients: each tensor on its own
-        for p in pretrainer.parameters():
-            if p.grad is not None:
-                torch.nn.utils.clip_grad_norm_([p], cfg.grad_clip)
+        for p in params:
+            torch.nn.utils.clip_grad_norm_([p], cfg.grad_clip)
     if pretrainer.use_sd and step < cfg.freeze_last_layer_steps:
         pretrainer.head.cancel_last_layer_grad()
     optimizer.step()
@@ -642,6 +645,7 @@ def apply_update(pretrainer, optimizer, cfg, step, teacher=None, momentum=None):
     pretrainer.clip.clamp_logit_scale()                     # exp(scale) <= 100, as CLIP
     if teacher is not None:
         ema_update(teacher, pretrainer.image_student(), momentum)
+    return norm
 
 
 # -----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The training runs here are real runs of train.py (as subprocesses) with a very s
 whole loop (data order, masks, teacher, optimizer, checkpoints) is what gets compared.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -736,10 +737,24 @@ def test_per_tensor_clipping_as_dino_and_objective_gradient_norms():
     captured = {}
     opt.register_step_pre_hook(lambda o, a, k: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
                                                                    if p.grad is not None}))
-    train.apply_update(model, opt, cfg, 0)
+    norm = train.apply_update(model, opt, cfg, 0)
     for n, g in before.items():
         torch.testing.assert_close(captured[n], g * min(1.0, 0.05 / (g.norm().item() + 1e-12)), rtol=1e-5, atol=1e-9)
     assert sum(g.norm() > 0.05 for g in before.values()) > 3                      # some tensors were clipped
+    # the logged grad_norm: the global norm before clipping, sqrt of the summed squares by hand
+    total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in before.values()))
+    assert norm.item() == pytest.approx(total, rel=1e-5) and total > 0.05
+    # global clipping (the default mode): every tensor times the same factor c / total
+    cfg.grad_clip_mode = "global"
+    model, t = copy.deepcopy(pt), copy.deepcopy(teacher)
+    train.accumulate_gradients(model, model, t, batches, 0, cfg)
+    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    opt.register_step_pre_hook(lambda o, a, k: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                                                   if p.grad is not None}))
+    assert train.apply_update(model, opt, cfg, 0).item() == pytest.approx(total, rel=1e-5)
+    for n, g in before.items():
+        torch.testing.assert_close(captured[n], g * (0.05 / total), rtol=1e-4, atol=1e-9)
+    cfg.grad_clip_mode = "tensor"
     # per-objective gradient norms against one backward per objective
     cfg.log_grad_norms, cfg.log_interval = True, 1
     model = copy.deepcopy(pt)
