@@ -733,11 +733,13 @@ def test_per_tensor_clipping_as_dino_and_objective_gradient_norms():
     model, t = copy.deepcopy(pt), copy.deepcopy(teacher)
     train.accumulate_gradients(model, model, t, batches, 0, cfg)
     before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
     captured = {}
-    opt.register_step_pre_hook(lambda o, a, k: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
-                                                                   if p.grad is not None}))
-    norm = train.apply_update(model, opt, cfg, 0)
+    def optimizer_seeing_the_clipped_grads(model):       # its step records the gradients it is given
+        opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+        opt.register_step_pre_hook(lambda o, a, k: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                                                       if p.grad is not None}))
+        return opt
+    norm = train.apply_update(model, optimizer_seeing_the_clipped_grads(model), cfg, 0)
     for n, g in before.items():
         torch.testing.assert_close(captured[n], g * min(1.0, 0.05 / (g.norm().item() + 1e-12)), rtol=1e-5, atol=1e-9)
     assert sum(g.norm() > 0.05 for g in before.values()) > 3                      # some tensors were clipped
@@ -748,10 +750,7 @@ def test_per_tensor_clipping_as_dino_and_objective_gradient_norms():
     cfg.grad_clip_mode = "global"
     model, t = copy.deepcopy(pt), copy.deepcopy(teacher)
     train.accumulate_gradients(model, model, t, batches, 0, cfg)
-    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
-    opt.register_step_pre_hook(lambda o, a, k: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
-                                                                   if p.grad is not None}))
-    assert train.apply_update(model, opt, cfg, 0).item() == pytest.approx(total, rel=1e-5)
+    assert train.apply_update(model, optimizer_seeing_the_clipped_grads(model), cfg, 0).item() == pytest.approx(total, rel=1e-5)
     for n, g in before.items():
         torch.testing.assert_close(captured[n], g * (0.05 / total), rtol=1e-4, atol=1e-9)
     cfg.grad_clip_mode = "tensor"
