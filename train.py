@@ -100,7 +100,7 @@ class Config:
     model: str = "tiny"             # tiny | S/16 | B/16 | B/32 | L/14 (see clip.MODEL_SIZES)
     patch_size: int = 0             # 0 = the named size's value; a non-zero value overrides it
     stem: str = ""                  # "" = the named size's; "linear" (public CLIP) | "conv" (Xiao et al. 2021)
-    pool: str = ""                  # "" = the named size's; "cls" | "mean" (clip.CLIPConfig.pool)
+    pool: str = ""                  # "" = the named size's; "cls" | "mean" | "unitmean" (clip.CLIPConfig.pool)
     stem_convs: int = -1            # -1 = the named size's; extra 3x3 stride-1 convs of the conv stem (clip.ConvStem)
     vision_width: int = 0
     vision_layers: int = 0

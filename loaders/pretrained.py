@@ -760,6 +760,9 @@ def open_clip_model_cfg(config: CLIPConfig) -> dict:
     if config.stem != "linear":
         raise ValueError("this model has the convolutional stem (Xiao et al. 2021), which open_clip's ViT does "
                          "not have; only linear-stem models export. Train with --stem=linear to export.")
+    if config.pool == "unitmean":
+        raise ValueError("this model pools the unit patch features (pool='unitmean'), which open_clip's ViT does "
+                         "not do; only pool='cls' or 'mean' models export. Train with --pool=cls or --pool=mean to export.")
     cfg = {
         "embed_dim": config.embed_dim,
         "quick_gelu": config.act == "quick_gelu",

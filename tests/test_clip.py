@@ -454,11 +454,20 @@ def test_tiny_forward_is_normalised_and_encoders_agree():
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-6) and bias is None
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+def unit_mean(features):
+    """The mean of unit vectors, written as a loop over the rows: [N, E] -> [E]."""
+    total = torch.zeros(features.shape[-1])
+    for f in features:
+        total = total + f / math.sqrt(float((f * f).sum()))
+    return total / len(features)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "unitmean"])
 def test_image_embedding_pools_the_class_token_or_the_patch_mean(pool):
     """pool="cls": proj of the class token after ln_post; pool="mean": proj of the mean of the N patch
-    tokens after ln_post (open_clip's pool_type="avg"), each recomputed here by hand from the blocks;
-    with drop masking the mean runs over the visible patches only."""
+    tokens after ln_post (open_clip's pool_type="avg"); pool="unitmean": the mean of the patch features
+    proj(t_p), each divided by its length; each recomputed here by hand from the blocks; with drop
+    masking the mean runs over the visible patches only."""
     torch.manual_seed(0)
     vit = CLIP(small_config(pool=pool)).visual
     images = torch.randn(2, 3, 64, 64)
@@ -467,13 +476,19 @@ def test_image_embedding_pools_the_class_token_or_the_patch_mean(pool):
         x = blk(x)
     t = F.layer_norm(x, (x.shape[-1],), vit.ln_post.weight, vit.ln_post.bias, eps=vit.ln_post.eps)  # [2, 1+N, D]
     N = t.shape[1] - 1                                                     # 256 patches of 4 px
-    want = t[:, 0] if pool == "cls" else t[:, 1:].sum(1) / N
-    torch.testing.assert_close(vit(images)[0], want @ vit.proj.weight.T)
+    W = vit.proj.weight.T                                                  # [D, E]
+    def by_hand(t):                                                        # [2, 1+n, D] -> [2, E]
+        if pool == "unitmean":
+            return torch.stack([unit_mean(t[b, 1:] @ W) for b in range(2)])
+        return (t[:, 0] if pool == "cls" else t[:, 1:].sum(1) / (t.shape[1] - 1)) @ W
+    torch.testing.assert_close(vit(images)[0], by_hand(t))
     mask = torch.zeros(2, N, dtype=torch.bool)
     mask[:, ::2] = True                                                    # hide every other patch
     emb, tok = vit(images, mask=mask, mask_mode="drop")
     assert tok.shape[1] == 1 + N // 2
-    torch.testing.assert_close(emb, vit.proj(tok[:, 0] if pool == "cls" else tok[:, 1:].sum(1) / (N // 2)))
+    torch.testing.assert_close(emb, by_hand(tok))
+    # what SILC's head reads: the class token, or the patch mean in the tower's width for both means
+    torch.testing.assert_close(vit.pooled(tok), tok[:, 0] if pool == "cls" else tok[:, 1:].sum(1) / (N // 2))
     with pytest.raises(ValueError, match="pool"):
         small_config(pool="max")
 
@@ -506,13 +521,14 @@ def test_init_follows_open_clip_stds():
 # FLOP estimates, checked against PyTorch's own FLOP counter
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("pool", ["cls", "unitmean"])
 @pytest.mark.parametrize("stem", ["linear", "conv"])
-def test_flops_match_torch_flop_counter(stem):
+def test_flops_match_torch_flop_counter(stem, pool):
     # The counter sees matmuls and convolutions; the MATH attention backend spells attention out as
     # matmuls (the fused CPU kernel is not counted), so every term of our formula is measured.
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = small_config(stem=stem)
+    cfg = small_config(stem=stem, pool=pool)            # unitmean projects every patch, not one token
     model = CLIP(cfg)
 
     def measured(fn, *args):

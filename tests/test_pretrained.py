@@ -605,6 +605,8 @@ def test_export_is_the_import_read_backwards(tmp_path):
     assert cfg["text_cfg"]["pool_type"] == "eos" and cfg["text_cfg"]["eos_id"] == 2 and cfg["init_logit_bias"] == -10.0
     assert cfg["vision_cfg"]["pool_type"] == "tok"
     assert open_clip_model_cfg(replace(config, pool="mean"))["vision_cfg"]["pool_type"] == "avg"
+    with pytest.raises(ValueError, match="unitmean"):                 # open_clip has no such pool
+        open_clip_model_cfg(replace(config, pool="unitmean"))
     with pytest.raises(ValueError, match="--stem=linear"):
         open_clip_model_cfg(model_config("tiny"))
     # the command's function on a checkpoint file: training-only parts left behind, the teacher on request
