@@ -588,7 +588,7 @@ def test_export_is_the_import_read_backwards(tmp_path):
     """to_open_clip_state_dict then convert_state_dict gives back every tensor (the mask token, training
     only, is dropped and comes back as zeros) and the config; the conv stem is refused with a message."""
     from loaders.pretrained import open_clip_model_cfg, to_open_clip_state_dict
-    config = model_config("tiny", stem="linear", act="quick_gelu", init_logit_bias=-10.0, text_heads=2)
+    config = model_config("tiny", stem="linear", pool="cls", act="quick_gelu", init_logit_bias=-10.0, text_heads=2)
     torch.manual_seed(0)
     model = CLIP(config)
     with torch.no_grad():
