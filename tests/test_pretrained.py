@@ -645,7 +645,7 @@ def train_and_export(tmp_path, name, *flags):
 
 
 @pytest.mark.parametrize("name, flags", [
-    ("tiny", ["--stem=linear"]),                                     # the CPU default size, linear stem
+    ("tiny", ["--stem=linear", "--pool=cls"]),                       # the CPU default size, linear stem, class token
     ("custom", ["--stem=linear", "--patch_size=4", "--image_size=32", "--vision_width=96", "--vision_layers=2",
                 "--text_width=64", "--text_layers=2", "--embed_dim=48", "--loss=sigmoid", "--method=silc",
                 "--n_local_crops=2", "--head_hidden=32", "--head_bottleneck=16", "--head_out=64",
