@@ -131,7 +131,7 @@ _PUBLIC = dict(image_size=224, stem="linear", stem_convs=0, context_length=77, v
 MODEL_SIZES: dict[str, dict] = {
     # CPU default: 64x64 shapes images, 8-px patches (8x8 grid), conv stem with 4 stride-1 convs at the
     # patch grid and 3 ViT blocks (docs/experiments.md, "The conv stem"); ~1.4M parameters. The image
-    # embedding is the mean of the unit patch features (pool="unitmean"; VisionTransformer.pooled).
+    # embedding is the mean of the unit patch features (pool="unitmean"; VisionTransformer.joint_embedding).
     # 8-px patches: a training step costs ~4x less than with 4-px patches (64 vs 256 tokens), which
     # is what lets `python train.py` see ~30k samples in ~8 CPU minutes. patch_size=4 gives a finer
     # segmentation grid at 4x the cost.
@@ -457,27 +457,30 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         tokens = self.ln_post(x)                               # [B, 1 + N', D]
-        if self.pool == "unitmean":
-            # Each patch feature in the joint space, cut to unit length, then averaged: [B, N', E] -> [B, E]
-            return F.normalize(self.proj(tokens[:, 1:]), dim=-1).mean(1), tokens
-        return self.proj(self.pooled(tokens)), tokens          # [B, E], [B, 1 + N', D]
+        return self.joint_embedding(tokens), tokens           # [B, E], [B, 1 + N', D]
 
     def pooled(self, tokens):
         """The one token that stands for the image, [B, 1+N', D] -> [B, D]: the class token (pool="cls",
-        OpenAI CLIP), or the mean of the patch tokens (pool="mean"; open_clip's pool_type="avg").
+        OpenAI CLIP), or the mean of the patch tokens (pool="mean"; open_clip's pool_type="avg"; also
+        what SILC's head reads with pool="unitmean").
         With the mean, every patch token is in the embedding the contrastive loss trains, so each
         patch is pushed toward its caption; with the class token only attention carries the loss to
-        the patches. Measured on the shapes world: docs/experiments.md, "After the new stem".
-
-        pool="unitmean" embeds the image as the mean of the UNIT patch features, normalise(proj(t_p)),
-        so every patch has one equal vote on the embedding's direction. The dense readouts
-        (eval_seg.py) compare each patch's direction with the words; with a plain mean a few patches
-        of large norm can carry the embedding while the others point anywhere, and the readout, which
-        normalises every patch, then counts those others as much as the large ones. Here the patch
-        mean (in the tower's width) is what stands for the image for SILC's head. Measured on the
-        shapes world (docs/experiments.md, "Pooling the unit patch features"): the share of object
-        patches that get their own shape's name rises from 39% (class token) to 51%."""
+        the patches. Measured on the shapes world: docs/experiments.md, "After the new stem"."""
         return tokens[:, 1:].mean(1) if self.pool in ("mean", "unitmean") else tokens[:, 0]
+
+    def joint_embedding(self, tokens):
+        """The image embedding in the joint space, [B, 1+N', D] -> [B, E]: proj of the pooled token, or
+        with pool="unitmean" the mean of the UNIT patch features, mean_p normalise(proj(t_p)).
+
+        With the unit mean every patch has one equal vote on the embedding's direction. The dense
+        readouts (eval_seg.py) compare each patch's direction with the words; with a plain mean a few
+        patches of large norm can carry the embedding while the others point anywhere, and the readout,
+        which normalises every patch, then counts those others as much as the large ones. Measured on
+        the shapes world (docs/experiments.md, "Pooling the unit patch features"): the share of object
+        patches that get their own shape's name rises from 39% (class token) to 51%."""
+        if self.pool == "unitmean":
+            return F.normalize(self.proj(tokens[:, 1:]), dim=-1).mean(1)      # [B, N', E] -> [B, E]
+        return self.proj(self.pooled(tokens))
 
 
 # ----------------------------------------------------------------------------------------------
