@@ -5,7 +5,9 @@ checkpoints) on 1 process and on 2 (gloo, CPU), compared on the same global batc
 Usage: python tests/ddp_train_worker.py OUT_DIR CASES_JSON
        torchrun --nproc_per_node=2 tests/ddp_train_worker.py OUT_DIR CASES_JSON
 CASES_JSON: a list of {"name", "args" (train.py flags), "ddp_args" (extra flags with 2 processes),
-"nan_at_call" (optional: the forward call, counted from 0, at which rank 1's loss becomes NaN)}.
+"nan_at_call" (optional: the forward call, counted from 0, at which rank 1's loss becomes NaN),
+"float64" (optional: the whole run in double precision, model and batches, so that rounding cannot
+hide or fake a difference)}.
 Writes OUT_DIR/<name>/ (train.py's out_dir), OUT_DIR/<name>/grads_rank<r>.pt (every gradient at the
 first optimizer step, after clipping, as the optimizer sees it) and OUT_DIR/<name>/exit_rank<r>.json.
 
@@ -53,7 +55,16 @@ def run_case(case, out_dir, rank, world):
         calls[0] += 1
         return out
 
+    prepare_batch = train.prepare_batch
+
+    def float64_batch(*args, **kwargs):
+        batch = prepare_batch(*args, **kwargs)
+        return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
     train.make_optimizer, train.Pretrainer.forward = recording_optimizer, maybe_nan_forward
+    if case.get("float64"):
+        torch.set_default_dtype(torch.float64)     # every parameter and buffer is built in float64
+        train.prepare_batch = float64_batch
     code = 0
     try:
         train.main(case["args"] + (case.get("ddp_args", []) if world > 1 else []) + [f"--out_dir={run_dir}"])
@@ -61,6 +72,8 @@ def run_case(case, out_dir, rank, world):
         code = e.code if isinstance(e.code, int) else 1
     finally:
         train.make_optimizer, train.Pretrainer.forward = make_optimizer, forward
+        train.prepare_batch = prepare_batch
+        torch.set_default_dtype(torch.float32)
     torch.save(grads, os.path.join(run_dir, f"grads_rank{rank}.pt"))
     with open(os.path.join(run_dir, f"exit_rank{rank}.json"), "w") as f:
         json.dump({"code": code}, f)
