@@ -62,6 +62,7 @@ def run_case(case, out_dir, rank, world):
         return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
     train.make_optimizer, train.Pretrainer.forward = recording_optimizer, maybe_nan_forward
+    dtype = torch.get_default_dtype()
     if case.get("float64"):
         torch.set_default_dtype(torch.float64)     # every parameter and buffer is built in float64
         train.prepare_batch = float64_batch
@@ -73,7 +74,7 @@ def run_case(case, out_dir, rank, world):
     finally:
         train.make_optimizer, train.Pretrainer.forward = make_optimizer, forward
         train.prepare_batch = prepare_batch
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(dtype)
     torch.save(grads, os.path.join(run_dir, f"grads_rank{rank}.pt"))
     with open(os.path.join(run_dir, f"exit_rank{rank}.json"), "w") as f:
         json.dump({"code": code}, f)

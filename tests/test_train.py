@@ -143,7 +143,7 @@ DDP_CASES = [
     # SILC with the unit-mean pool (the tiny default) in float32: the 2-rank run drifts from the
     # one-process run at its second step (the conv stem's gradient 5% apart, the weights 3e-4 after
     # step 2, everything else at 1e-6). In float64 the two agree to 1e-15 at every step, so it is
-    # rounding that this configuration amplifies (on the third step's local crops: seed 1, a linear
+    # rounding that this configuration amplifies (on the second step's local crops: seed 1, a linear
     # stem or local crops holding 30% object agree at 3e-5), not a DDP error: the float32 case runs
     # with the class token, and the unit mean is checked in float64 (docs/experiments.md, "Not done").
     {"name": "silc", "args": DDP_BASE + ["--method=silc", "--pool=cls"]},
@@ -248,7 +248,7 @@ def test_every_method_under_torchrun_equals_one_process(ddp_runs, case):
     root, _ = ddp_runs
     one, two = root / "one" / case, root / "two" / case
     f64 = next(c for c in DDP_CASES if c["name"] == case).get("float64", False)
-    rel, atol = (1e-10, 1e-10) if f64 else (1e-4, 1e-5)       # float64: only rounding at 1e-16 is left
+    rel, atol, floor = (1e-10, 1e-10, 1e-12) if f64 else (1e-4, 1e-5, 1e-9)   # float64: only rounding at 1e-16 is left
     ref = torch.load(one / "grads_rank0.pt", weights_only=True)
     assert len(ref) > 10
     assert {g.dtype for g in ref.values()} == {torch.float64 if f64 else torch.float32}
@@ -257,7 +257,7 @@ def test_every_method_under_torchrun_equals_one_process(ddp_runs, case):
         assert got.keys() == ref.keys(), (rank, sorted(got.keys() ^ ref.keys()))
         for name in ref:
             scale = ref[name].abs().max().item()
-            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=rel * scale + 1e-12, msg=name)
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=rel * scale + floor, msg=name)
     assert_same_run(one, two, atol=max(atol, 2e-6), params_atol=atol)   # the log rounds to 6 decimals
 
 
