@@ -42,6 +42,9 @@ produce what the losses compare (the DINO projection head and the masked-predict
          Only if gradients were SUMMED over ranks instead of averaged would both schemes need a
          1/W, and then (b) and the local loss would still agree with each other.
    tests/test_losses.py checks all of this numerically with 2 CPU processes.
+   `patch_text_loss` is the same softmax (or sigmoid) applied to every PATCH on its own, each one
+   against the batch's captions, so that the patch features the zero-shot segmentation reads line up
+   with words (its docstring says why); it gathers the captions the same way.
 
 2. Local-to-global self-distillation (SILC, Naeem et al. 2023, arXiv 2310.13355; machinery of
    DINO, Caron et al. 2021). An EMA teacher (ema.py) sees the two global crops, the student sees
@@ -211,6 +214,50 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     rows = torch.arange(b, device=img.device)
     z[rows, rows + rank * b] = 1.0
     return -F.logsigmoid(z * logits).sum() / b
+
+
+def patch_text_loss(patches: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                    logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Every patch of image i must pick caption i among the batch's captions (a dense contrastive loss).
+
+    patches: this rank's L2-normalised projected patch features [b, N, E] (what zero-shot segmentation
+    compares with the class prompts); txt: this rank's L2-normalised captions [b, E].
+      softmax (logit_bias None):  L = mean over the b*N patches p of image i of CE(t * p Y^T, target i)
+      sigmoid (a bias given):     L = -(1/(b*N)) sum_p sum_j log sigmoid(z_ij (t p.y_j + bias))
+    with Y every rank's captions (gathered with gradient, the local-loss scheme of clip_loss: the mean
+    over ranks is the global loss, and DDP's average its gradient).
+
+    Why: the contrastive loss only asks the POOLED embedding to match the caption, and a mean of patches
+    can match it while each patch is noise that cancels in the average (measured on the shapes world:
+    99% zero-shot classification with 25% of object patches naming their own object). Scoring each
+    patch the way the dense evaluation will score it gives every patch the gradient. It is a
+    multiple-instance loss: a background patch is also asked for its image's caption, a target it can
+    only meet from context; the caption still names what is in the image, so the object patches learn
+    their words. Patch-level image-text alignment in the spirit of PACL (Mukhoti et al. 2023,
+    arXiv 2212.04994, which pools patches with text-conditioned weights instead); not a loss of
+    SILC or MaskCLIP. Cost: b*N*B logits per rank, N times the contrastive loss's.
+
+    Worked example: t = 1, captions e0 and e1, image 0's patches (e0, e1), image 1's (e1, e1). A patch
+    equal to its caption has logits (1, 0): cost log(1 + e^-1) = 0.3133; image 0's second patch points
+    at the wrong caption, logits (0, 1): cost log(1 + e) = 1.3133. Mean of the four: 0.5633.
+    >>> e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    >>> p = torch.stack([torch.stack([e0, e1]), torch.stack([e1, e1])])
+    >>> round(patch_text_loss(p, torch.eye(2), torch.tensor(1.0)).item(), 4)
+    0.5633
+    """
+    if patches.ndim != 3 or patches.shape[0] != txt.shape[0] or patches.shape[2] != txt.shape[1]:
+        raise ValueError(f"expected patches [b, N, E] and captions [b, E], got {tuple(patches.shape)} "
+                         f"and {tuple(txt.shape)}")
+    rank, _ = _world()
+    b, n, _ = patches.shape
+    all_txt = gather_with_grad(txt)                                    # [B, E]
+    logits = logit_scale * _fp32(patches.flatten(0, 1) @ all_txt.T)    # [b*N, B]
+    own = (torch.arange(b, device=txt.device) + rank * b).repeat_interleave(n)   # [b*N]: patch -> its caption
+    if logit_bias is None:
+        return F.cross_entropy(logits, own)
+    z = -torch.ones_like(logits)
+    z[torch.arange(b * n, device=txt.device), own] = 1.0
+    return -F.logsigmoid(z * (logits + logit_bias)).sum() / (b * n)
 
 
 # --------------------------------------------------------------------------------------------

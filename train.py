@@ -17,6 +17,11 @@ The objectives (chosen with --method):
     maskclip       L = L_contrastive + lambda * L_masked-distill + beta * L_mlm   (MaskCLIP, Dong et al. 2022)
     silc+maskclip  both self-distillation losses with one teacher            (the SigLIP 2 recipe)
 
+and every method adds, from patch_text_start on, w_pt * L_patch-text: each patch of a text-paired view
+must pick its own image's caption among the batch's (losses.patch_text_loss). It is what makes the
+CPU default's patch features line up with words (docs/experiments.md); --patch_text_weight=0 turns
+it off and gives the papers' losses alone.
+
 --loss picks the contrastive loss: "softmax" (CLIP, Radford et al. 2021) or "sigmoid" (SigLIP,
 Zhai et al. 2023). The pieces live in their own files: clip.py (the model), losses.py (every loss and
 head), ema.py (the teacher), masking.py (patch and token masks), data.py (text, crops, batches),
@@ -62,7 +67,7 @@ from loaders.pretrained import config_from_checkpoint, load_pretrained_into
 from loaders.shapes import SHAPES_VOCABULARY, world_from_config
 from loaders.templates import get_templates
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
-                    center_stats, clip_loss, mlm_loss, siglip_loss, teacher_entropy)
+                    center_stats, clip_loss, mlm_loss, patch_text_loss, siglip_loss, teacher_entropy)
 from masking import num_masked, sample_generator, sample_masks, sample_mlm
 
 
@@ -122,6 +127,10 @@ class Config:
     grad_clip: float = 1.0
     grad_clip_mode: str = "global"  # global: one norm over all gradients | tensor: each tensor alone (DINO)
     log_grad_norms: bool = False    # log each objective's gradient norm on the image tower (one process)
+    # --- dense alignment: every patch must name its own image's caption (losses.patch_text_loss) ---
+    patch_text_weight: float = 0.5  # w_pt in L = L_con + w_pt * L_pt (+ the method's terms); 0 = off
+    patch_text_start: float = 0.3   # fraction of training after which it switches on (from step 0 it
+                                    # slowed the contrastive loss's escape from log B: docs/experiments.md)
     # --- SILC: local-to-global self-distillation ---
     n_local_crops: int = 4
     local_foreground: float = 0.0   # a local crop must be this fraction object (shapes only; 0 = any crop)
@@ -346,6 +355,7 @@ class Pretrainer(nn.Module):
         self.cfg = cfg
         self.use_sd = "silc" in cfg.method and cfg.sd_weight > 0     # silc with sd_weight 0: SILC's views alone
         self.use_mask = "maskclip" in cfg.method
+        self.use_patch_text = cfg.patch_text_weight > 0
         self.clip = CLIP(clip_cfg)
         if not self.use_mask or cfg.mask_mode == "drop":
             # The ViT's mask token serves mask_mode="token" only (drop mode removes hidden tokens).
@@ -364,7 +374,8 @@ class Pretrainer(nn.Module):
             if cfg.mlm_weight > 0:
                 self.text_decoder = TextMLMDecoder(clip_cfg.text_width, clip_cfg.text_heads, clip_cfg.vocab_size,
                                                    clip_cfg.pad_token_id, num_layers=cfg.text_decoder_layers)
-        self.weights = {"contrastive": 1.0, "sd": cfg.sd_weight, "dist": cfg.dist_weight, "mlm": cfg.mlm_weight}
+        self.weights = {"contrastive": 1.0, "sd": cfg.sd_weight, "dist": cfg.dist_weight, "mlm": cfg.mlm_weight,
+                        "patch_text": cfg.patch_text_weight}
 
     def image_student(self):
         """The modules the EMA teacher copies: image encoder + heads (the text tower has no teacher)."""
@@ -377,7 +388,8 @@ class Pretrainer(nn.Module):
 
     def encode(self, batch):
         """L2-normalised embeddings of every text-paired view [n_g, b, E] and of the captions [b, E],
-        and the image tokens [n_g*b, 1+N, D]."""
+        the image tokens [n_g*b, 1+N, D], and (with the patch-text loss) the L2-normalised projected
+        patch features [n_g, b, N, E], None without it."""
         txt = F.normalize(self.clip.text(batch["tokens"])[0], dim=-1)          # [b, E]
         if "global_crops" in batch:
             # SILC: every global view is aligned with the caption ("otherwise the two objectives
@@ -387,27 +399,44 @@ class Pretrainer(nn.Module):
             g = batch["images"].unsqueeze(0)                                    # [1, b, 3, S, S]
         n_g, b = g.shape[:2]
         g_emb, g_tok = self.clip.visual(g.flatten(0, 1))                       # [n_g*b, E], [n_g*b, 1+N, D]
-        return F.normalize(g_emb, dim=-1).view(n_g, b, -1), txt, g_tok
+        patches = None
+        if self.use_patch_text:   # the dense features the evaluation reads: proj of every patch token
+            patches = F.normalize(self.clip.visual.proj(g_tok[:, 1:]), dim=-1).view(n_g, b, g_tok.shape[1] - 1, -1)
+        return F.normalize(g_emb, dim=-1).view(n_g, b, -1), txt, g_tok, patches
 
     @torch.no_grad()
     def contrastive_features(self, batch):
         """encode() without gradient or tokens: what gradient accumulation caches."""
-        return self.encode(batch)[:2]
+        img, txt, _, patches = self.encode(batch)
+        return img, txt, patches
 
-    def contrastive_loss(self, img, txt, cache=None, slot=0):
-        """Mean over the text-paired views of the CLIP / SigLIP loss. Gradient accumulation (open_clip's
-        --accum-freq): this micro-batch's live features replace its slot of the cached ones, so the loss
-        sees ALL the step's pairs and only this slot's gradient flows. The temperature (and SigLIP's
-        bias) would get the whole d loss / d t in every slot: they take it in the last one only."""
+    def whole_step(self, img, txt, patches, cache, slot):
+        """Gradient accumulation (open_clip's --accum-freq): this micro-batch's live features replace its
+        slot of the cached ones, so the image-text losses see ALL the step's pairs and only this slot's
+        gradient flows. The temperature (and SigLIP's bias) would get the whole d loss / d t in every
+        slot: they take it in the last one only. -> img [n_g, k*b, E], txt [k*b, E], patches, scale, bias."""
         scale, bias = self.clip.logit_scale.exp(), self.clip.logit_bias
-        if cache is not None:
-            imgs, txts = [c[0] for c in cache], [c[1] for c in cache]
-            imgs[slot], txts[slot] = img, txt
-            img, txt = torch.cat(imgs, dim=1), torch.cat(txts, dim=0)          # [n_g, k*b, E], [k*b, E]
-            if slot != len(cache) - 1:
-                scale, bias = scale.detach(), (bias.detach() if bias is not None else None)
+        if cache is None:
+            return img, txt, patches, scale, bias
+        merged = []
+        for i, live in enumerate((img, txt, patches)):
+            parts = [c[i] for c in cache]
+            parts[slot] = live
+            merged.append(None if live is None else torch.cat(parts, dim=0 if i == 1 else 1))
+        if slot != len(cache) - 1:
+            scale, bias = scale.detach(), (bias.detach() if bias is not None else None)
+        return (*merged, scale, bias)
+
+    def contrastive_loss(self, img, txt, scale, bias):
+        """Mean over the text-paired views [n_g, B, E] of the CLIP / SigLIP loss."""
         loss = siglip_loss if self.cfg.loss == "sigmoid" else lambda i, t, s, b: clip_loss(i, t, s)
         return sum(loss(img[v], txt, scale, bias) for v in range(img.shape[0])) / img.shape[0]
+
+    def patch_text_loss(self, patches, txt, scale, bias):
+        """Mean over the text-paired views [n_g, B, N, E] of losses.patch_text_loss, with the contrastive
+        loss's temperature (and SigLIP's bias): a patch is scored exactly as the dense evaluation scores it."""
+        bias = bias if self.cfg.loss == "sigmoid" else None
+        return sum(patch_text_loss(patches[v], txt, scale, bias) for v in range(patches.shape[0])) / patches.shape[0]
 
     def local_to_global_loss(self, batch, g_tok, teacher_out, teacher_temp):
         """SILC: the student's pooled token of EVERY view (global and local) must predict the
@@ -443,13 +472,17 @@ class Pretrainer(nn.Module):
         logits = self.text_decoder(feats, batch["mlm_inputs"])                  # [b, L, V]
         return mlm_loss(logits, batch["mlm_labels"], count=batch.get("mlm_count"))
 
-    def forward(self, batch, teacher_out=None, teacher_temp=0.07, cache=None, slot=0):
+    def forward(self, batch, teacher_out=None, teacher_temp=0.07, cache=None, slot=0, patch_text=True):
         """A micro-batch (prepare_batch) and the teacher's logits (None while distillation is off) ->
-        the scalar losses, and "loss", their sum with self.weights. cache, slot: see contrastive_loss;
-        every term but the contrastive one is this micro-batch's share of the step's term."""
+        the scalar losses, and "loss", their sum with self.weights. cache, slot: see whole_step; the two
+        image-text terms hold the whole step's value, every other term this micro-batch's share of it.
+        patch_text: whether the patch-text loss is on at this step (patch_text_start)."""
         n_slots = 1 if cache is None else len(cache)
-        img, txt, g_tok = self.encode(batch)
-        out = {"contrastive": self.contrastive_loss(img, txt, cache, slot)}
+        img, txt, g_tok, patches = self.encode(batch)
+        img, txt, patches, scale, bias = self.whole_step(img, txt, patches, cache, slot)
+        out = {"contrastive": self.contrastive_loss(img, txt, scale, bias)}
+        if patches is not None and patch_text:
+            out["patch_text"] = self.patch_text_loss(patches, txt, scale, bias)
         if teacher_out is not None and self.use_sd:
             out["sd"] = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp) / n_slots
         if teacher_out is not None and self.use_mask:
@@ -527,7 +560,8 @@ def step_values(step, cfg):
     """The step's lr (warm-up, cosine to min_lr), teacher temperature (DINO warms it 0.04 -> 0.07: sharp
     targets while the fresh teacher is almost random; the CPU default keeps 0.04), EMA momentum (FIXED,
     as SILC: "the momentum scheduler of the EMA should not converge to 1.0"; DINO's cosine to 1 on
-    request), and whether distillation is on. The teacher's schedules count from sd_start."""
+    request), and whether distillation and the patch-text loss are on. The teacher's schedules count
+    from sd_start."""
     start = int(cfg.sd_start * cfg.steps)
     t, span = max(0, step - start), cfg.steps - start          # (before the start: unused)
     warm = max(1, int(cfg.teacher_temp_warmup_frac * span))
@@ -535,7 +569,7 @@ def step_values(step, cfg):
     return dict(lr=schedule(step, cfg.steps, cfg.lr, cfg.min_lr, warmup=cfg.warmup_steps),
                 teacher_temp=schedule(t, span, cfg.teacher_temp, cfg.teacher_temp, warm, cfg.teacher_temp_warmup),
                 momentum=schedule(t, span, cfg.teacher_momentum, final_momentum),
-                distill=step >= start, start=start)
+                distill=step >= start, start=start, patch_text=step >= int(cfg.patch_text_start * cfg.steps))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -566,14 +600,14 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
             t_out = teacher_forward(teacher, batch, pretrainer.use_sd, pretrainer.use_mask) if distill else None
         with (contextlib.nullcontext() if j == k - 1 or world == 1 else model.no_sync()):
             with autocast_ctx:
-                out = model(batch, t_out, t_temp, cache, j)
+                out = model(batch, t_out, t_temp, cache, j, values["patch_text"])
             if cfg.log_grad_norms and world == 1 and j == 0 and (step + 1) % cfg.log_interval == 0:
                 terms.update(objective_grad_norms(out, pretrainer))
             out["loss"].backward()
         for name, v in out.items():
-            if name != "loss":    # contrastive: the whole step's value in every slot; the rest: shares
+            if name != "loss":    # the image-text terms: the whole step's value in every slot; the rest: shares
                 v = v.detach().to(torch.promote_types(v.dtype, torch.float32))      # bf16 -> float32
-                terms[name] = v + (terms.get(name, 0.0) if name != "contrastive" else 0.0)
+                terms[name] = v + (terms.get(name, 0.0) if name not in ("contrastive", "patch_text") else 0.0)
         for name, logits in (("sd", (t_out or {}).get("global")), ("dist", (t_out or {}).get("patch"))):
             if logits is not None:
                 stats[name] = stats.get(name, 0.0) + center_stats(logits)

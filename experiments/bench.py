@@ -138,6 +138,9 @@ def step_flops(cfg, clip_cfg, text_len, local_size=0, n_masked=0):
             parts["mlm_text"] = text
             parts["mlm_decoder"] = (transformer_flops(text_len, W, cfg.text_decoder_layers, clip_cfg.mlp_ratio)
                                     + 2 * text_len * W * clip_cfg.vocab_size)
+    if cfg.patch_text_weight > 0:   # train.Pretrainer.encode projects every patch again, then each patch
+        E = clip_cfg.embed_dim      # meets all B captions (counted: N times the contrastive logits, left out)
+        parts["patch_text"] = n_global * (2 * N * D * E + 2 * N * cfg.batch_size * E)
     student, teach = sum(parts.values()), sum(teacher.values())
     return {"student": student, "teacher": teach, "student_parts": parts, "teacher_parts": teacher,
             "step": cfg.batch_size * (3 * student + teach)}

@@ -64,6 +64,7 @@ def make_problem():
         mlm_labels=torch.where(torch.rand(B, 4, generator=g) < 0.4,
                                torch.randint(11, (B, 4), generator=g), torch.full((B, 4), -100)),
     )
+    data["xp"] = torch.randn(B, N, D_IN, generator=g)   # patches for patch_text_loss (drawn last: the rest unchanged)
     data["m_mask"][0, :] = True      # rank 0 gets more masked patches than rank 1
     data["mlm_labels"][1, :] = 3     # rank 0 gets more labelled tokens
     return data
@@ -110,6 +111,11 @@ def worker(rank, out_dir):
     sl = slice(rank * b, (rank + 1) * b)
     shard = {"xi": data["xi"][sl], "xt": data["xt"][sl]}
     out = {}
+    # 0. patch_text_loss: the toy's image encoder maps each of the N patches [b, N, D_IN] -> [b, N, E]
+    patch_shard = {"xi": data["xp"][sl], "xt": data["xt"][sl]}
+    for name, with_bias in (("patch_text", False), ("patch_text_sigmoid", True)):
+        out[name + "_loss"], out[name + "_grads"] = ddp_grads(
+            lambda p, t, s, bias: losses.patch_text_loss(p, t, s, bias), patch_shard, with_bias)
 
     # 1. the contrastive losses, and the alternatives the docstring warns about
     cases = {

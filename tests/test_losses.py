@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import losses
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder,
-                    TextMLMDecoder, clip_loss, mlm_loss, siglip_loss)
+                    TextMLMDecoder, clip_loss, mlm_loss, patch_text_loss, siglip_loss)
 from masking import mlm_mask_tokens
 
 PAD_ID, SOT_ID, EOT_ID, MASK_ID, VOCAB = 0, 1, 2, 3, 260       # the byte tokenizer's ids (data.py)
@@ -48,6 +48,23 @@ def naive_siglip(img, txt, t, bias):
     return total / B
 
 
+def naive_patch_text(patches, txt, t, bias=None):
+    """Every patch p of image i: softmax over captions j of t * p.y_j with target i (bias None), or
+    -log sigmoid(z_ij (t * p.y_j + bias)) summed over j; mean over all patches."""
+    B, N, _ = patches.shape
+    total = 0.0
+    for i in range(B):
+        for n in range(N):
+            logits = [t * (patches[i, n] * txt[j]).sum() for j in range(B)]
+            if bias is None:
+                total = total - (logits[i] - torch.log(sum(torch.exp(z) for z in logits)))
+            else:
+                for j in range(B):
+                    x = (1.0 if i == j else -1.0) * (logits[j] + bias)
+                    total = total + torch.log(1 + torch.exp(-x))
+    return total / (B * N)
+
+
 def random_pairs(B=6, E=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(B, E, generator=g, dtype=DT), dim=-1).requires_grad_(True)
@@ -70,12 +87,16 @@ def naive_soft_ce(t_row, s_row, center, tt, ts):
 
 def test_docstring_worked_examples():
     res = doctest.testmod(losses)
-    assert res.attempted >= 2 and res.failed == 0
+    assert res.attempted >= 3 and res.failed == 0
     e = torch.eye(2)
     by_hand = math.log(1 + math.exp(-1))                           # 0.3133 per row
     assert clip_loss(e, e, torch.tensor(1.0)).item() == pytest.approx(by_hand, abs=1e-6)
     assert siglip_loss(e, e, torch.tensor(1.0), torch.tensor(0.0)).item() == pytest.approx(
         (2 * by_hand + 2 * math.log(2)) / 2, abs=1e-6)
+    e0, e1 = e[0], e[1]                                            # patch_text_loss: 3 right patches, 1 wrong
+    p = torch.stack([torch.stack([e0, e1]), torch.stack([e1, e1])])
+    assert patch_text_loss(p, e, torch.tensor(1.0)).item() == pytest.approx(
+        (3 * by_hand + math.log(1 + math.e)) / 4, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
@@ -101,6 +122,32 @@ def test_losses_are_stable_where_naive_formulas_overflow():
     # sigmoid, one pair, logit -1000: -log sigmoid(-1000) = 1000 (log(1 + exp(1000)) overflows)
     assert siglip_loss(img[:1], txt[:1], t, torch.tensor(0.0)).item() == pytest.approx(1000.0, rel=1e-6)
     assert math.isinf(naive_siglip(img[:1], txt[:1], t, torch.tensor(0.0)).item())
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_patch_text_loss_and_gradients_match_naive_loop(kind):
+    g = torch.Generator().manual_seed(3)
+    patches = F.normalize(torch.randn(4, 3, 5, generator=g, dtype=DT), dim=-1).requires_grad_(True)
+    _, txt = random_pairs(B=4)
+    t = torch.tensor(4.2, dtype=DT, requires_grad=True)
+    bias = torch.tensor(-1.3, dtype=DT, requires_grad=True) if kind == "sigmoid" else None
+    leaves = (patches, txt, t) + ((bias,) if bias is not None else ())
+    fast, slow = patch_text_loss(patches, txt, t, bias), naive_patch_text(patches, txt, t, bias)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-12)
+    for gf, gs in zip(torch.autograd.grad(fast, leaves), torch.autograd.grad(slow, leaves)):
+        torch.testing.assert_close(gf, gs, rtol=1e-10, atol=1e-12)
+    # one patch per image equal to its image embedding: the softmax case is clip_loss's image->text half
+    if kind == "softmax":
+        img, txt = random_pairs()
+        half = F.cross_entropy(t * img @ txt.T, torch.arange(6))
+        assert patch_text_loss(img[:, None], txt, t).item() == pytest.approx(half.item(), rel=1e-12)
+
+
+def test_patch_text_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"patches \[b, N, E\]"):
+        patch_text_loss(torch.randn(4, 3), torch.randn(4, 3), torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"patches \[b, N, E\]"):
+        patch_text_loss(torch.randn(4, 2, 3), torch.randn(5, 3), torch.tensor(1.0))
 
 
 def test_contrastive_bad_input_is_a_clear_error():
@@ -144,6 +191,25 @@ def test_ddp_gradient_equals_single_process_global_batch(ddp, kind):
     # and the mean of the per-rank losses must equal the global loss.
     ref_loss, ref = single_process_grads(kind)
     assert (ddp[0][kind + "_loss"] + ddp[1][kind + "_loss"]) / 2 == pytest.approx(ref_loss, rel=1e-5)
+    for rank in range(2):
+        got = ddp[rank][kind + "_grads"]
+        assert set(got) == set(ref)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["patch_text", "patch_text_sigmoid"])
+def test_ddp_patch_text_gradient_equals_single_process_global_batch(ddp, kind):
+    # The same claim for the per-patch loss: the captions are gathered with gradient, each rank scores
+    # its own patches, and the mean over ranks is the naive loop on the whole batch.
+    import ddp_losses_worker as w
+    data = w.make_problem()
+    model = w.make_model(with_bias=kind == "patch_text_sigmoid")
+    patches, txt, t, bias = model(data["xp"], data["xt"])                # [B, N, E], [B, E]
+    loss = naive_patch_text(patches, txt, t, bias)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert (ddp[0][kind + "_loss"] + ddp[1][kind + "_loss"]) / 2 == pytest.approx(loss.item(), rel=1e-5)
     for rank in range(2):
         got = ddp[rank][kind + "_grads"]
         assert set(got) == set(ref)

@@ -334,11 +334,11 @@ def test_every_method_runs_and_logs_its_terms(tmp_path, method):
     run_train(tmp_path / "run", "--steps=2", "--batch_size=8", f"--method={method}", "--n_local_crops=2",
               "--mlm_weight=0.05")
     rec = read_log(tmp_path / "run")[-1]
-    for k in ("contrastive", "sd", "dist", "mlm", "teacher_entropy"):
+    for k in ("contrastive", "patch_text", "sd", "dist", "mlm", "teacher_entropy"):
         assert k in rec and rec[k] == rec[k], (k, rec)   # present and not NaN
-    # the total is the weighted sum of the terms: 1 * sd + 0.25 * dist + 0.05 * mlm
-    assert rec["loss"] == pytest.approx(rec["contrastive"] + rec["sd"] + 0.25 * rec["dist"] + 0.05 * rec["mlm"],
-                                        rel=1e-5)
+    # the total is the weighted sum of the terms: 0.5 * patch_text + 1 * sd + 0.25 * dist + 0.05 * mlm
+    assert rec["loss"] == pytest.approx(rec["contrastive"] + 0.5 * rec["patch_text"] + rec["sd"] + 0.25 * rec["dist"]
+                                        + 0.05 * rec["mlm"], rel=1e-5)
 
 
 def _jpeg_shards(folder, n_shards=2, per_shard=8):
@@ -586,11 +586,13 @@ def split_batch(batch, k):
                          ids=["clip", "siglip", "silc", "maskclip", "silc+maskclip"])
 def test_grad_accum_equals_one_batch_twice_as_large(args):
     """float64: accumulate_gradients over 2 micro-batches of b gives the same loss terms, the same
-    gradient of every parameter and the same centres as one micro-batch of 2b. The contrastive loss
-    keeps all 2b pairs (open_clip's cached-feature accumulation), the distillation terms are weighted
-    by their share, the centres move once per step. Before, each micro-batch had only b negatives."""
+    gradient of every parameter and the same centres as one micro-batch of 2b. The contrastive and
+    patch-text losses keep all 2b pairs (open_clip's cached-feature accumulation, the patch features
+    cached too), the distillation terms are weighted by their share, the centres move once per step.
+    Before, each micro-batch had only b negatives."""
     import copy
-    cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup(*args, "--n_local_crops=2", dtype=torch.float64)
+    cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup(*args, "--n_local_crops=2", "--patch_text_start=0",
+                                                                       dtype=torch.float64)
     batch = collate_fn([data.SeededSample(dataset, 0)[(i, 0)] for i in range(8)])
     batch.pop("skipped")
     batch = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
@@ -603,7 +605,8 @@ def test_grad_accum_equals_one_batch_twice_as_large(args):
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         results.append((terms, grads, {n: b.clone() for n, b in model.named_buffers()}))
     (t1, g1, c1), (t2, g2, c2) = results
-    for name in ("contrastive", "sd", "dist", "mlm", "loss"):
+    assert "patch_text" in t1 and "patch_text" in t2
+    for name in ("contrastive", "patch_text", "sd", "dist", "mlm", "loss"):
         if name in t1:
             assert t2[name].item() == pytest.approx(t1[name].item(), rel=1e-12, abs=1e-12), name
     assert g1.keys() == g2.keys() and "clip.logit_scale" in g1
@@ -787,11 +790,19 @@ def test_clip_views_control_and_patch_loss_on_all_tokens():
     assert batch["global_crops"].shape[0] == 2
     out = pt(batch)
     g = batch["global_crops"]
+    nrm = torch.nn.functional.normalize
     with torch.no_grad():
-        txt = torch.nn.functional.normalize(pt.clip.text(batch["tokens"])[0], dim=-1)
-        want = sum(train.clip_loss(torch.nn.functional.normalize(pt.clip.visual(g[v])[0], dim=-1), txt,
-                                   pt.clip.logit_scale.exp()) for v in range(2)) / 2
-    assert set(out) == {"contrastive", "loss"} and out["contrastive"].item() == pytest.approx(want.item(), rel=1e-6)
+        txt = nrm(pt.clip.text(batch["tokens"])[0], dim=-1)
+        t = pt.clip.logit_scale.exp()
+        want = sum(train.clip_loss(nrm(pt.clip.visual(g[v])[0], dim=-1), txt, t) for v in range(2)) / 2
+        # the patch-text loss on BOTH text-paired views: each patch's projected token against the captions
+        want_pt = sum(train.patch_text_loss(nrm(pt.clip.visual.proj(pt.clip.visual(g[v])[1][:, 1:]), dim=-1), txt, t)
+                      for v in range(2)) / 2
+    assert set(out) == {"contrastive", "patch_text", "loss"}
+    assert out["contrastive"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert out["patch_text"].item() == pytest.approx(want_pt.item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(want.item() + 0.5 * want_pt.item(), rel=1e-6)
+    assert set(pt(batch, patch_text=False)) == {"contrastive", "loss"}      # before patch_text_start
     from ema import teacher_forward
     for mode in ("masked", "all"):
         cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup("--method=maskclip", f"--patch_loss={mode}",
