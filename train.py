@@ -17,10 +17,10 @@ The objectives (chosen with --method):
     maskclip       L = L_contrastive + lambda * L_masked-distill + beta * L_mlm   (MaskCLIP, Dong et al. 2022)
     silc+maskclip  both self-distillation losses with one teacher            (the SigLIP 2 recipe)
 
-and every method adds, from patch_text_start on, w_pt * L_patch-text: each patch of a text-paired view
-must pick its own image's caption among the batch's (losses.patch_text_loss). It is what makes the
-CPU default's patch features line up with words (docs/experiments.md); --patch_text_weight=0 turns
-it off and gives the papers' losses alone.
+and on the shapes world every method adds, from patch_text_start on, w_pt * L_patch-text: each patch
+of a text-paired view must pick its own image's caption among the batch's (losses.patch_text_loss).
+It is what makes the CPU default's patch features line up with words (docs/experiments.md);
+--patch_text_weight=0 gives the papers' losses alone (the default on real data).
 
 --loss picks the contrastive loss: "softmax" (CLIP, Radford et al. 2021) or "sigmoid" (SigLIP,
 Zhai et al. 2023). The pieces live in their own files: clip.py (the model), losses.py (every loss and
@@ -128,7 +128,9 @@ class Config:
     grad_clip_mode: str = "global"  # global: one norm over all gradients | tensor: each tensor alone (DINO)
     log_grad_norms: bool = False    # log each objective's gradient norm on the image tower (one process)
     # --- dense alignment: every patch must name its own image's caption (losses.patch_text_loss) ---
-    patch_text_weight: float = 0.5  # w_pt in L = L_con + w_pt * L_pt (+ the method's terms); 0 = off
+    patch_text_weight: float = -1.0  # w_pt in L = L_con + w_pt * L_pt (+ the method's terms); 0 = off;
+                                     # -1 = 0.5 on the shapes world, 0 on real data (the papers' losses alone:
+                                     # it is not SILC's or MaskCLIP's, and costs b*N*B logits per rank)
     patch_text_start: float = 0.3   # fraction of training after which it switches on (from step 0 it
                                     # slowed the contrastive loss's escape from log B: docs/experiments.md)
     # --- SILC: local-to-global self-distillation ---
@@ -226,6 +228,8 @@ def resolve_method_defaults(cfg):
         cfg.dist_weight = 0.25 if both else 0.05        # SigLIP 2: 1 and 0.25; MaskCLIP: lambda = 0.05
     if cfg.mlm_weight < 0:
         cfg.mlm_weight = 0.0 if both else 0.05          # MaskCLIP: beta = 0.05; SigLIP 2 has no MLM
+    if cfg.patch_text_weight < 0:
+        cfg.patch_text_weight = 0.5 if cfg.data == "shapes" else 0.0
     return cfg
 
 
@@ -432,7 +436,7 @@ class Pretrainer(nn.Module):
         loss = siglip_loss if self.cfg.loss == "sigmoid" else lambda i, t, s, b: clip_loss(i, t, s)
         return sum(loss(img[v], txt, scale, bias) for v in range(img.shape[0])) / img.shape[0]
 
-    def patch_text_loss(self, patches, txt, scale, bias):
+    def patch_text(self, patches, txt, scale, bias):
         """Mean over the text-paired views [n_g, B, N, E] of losses.patch_text_loss, with the contrastive
         loss's temperature (and SigLIP's bias): a patch is scored exactly as the dense evaluation scores it."""
         bias = bias if self.cfg.loss == "sigmoid" else None
@@ -482,7 +486,7 @@ class Pretrainer(nn.Module):
         img, txt, patches, scale, bias = self.whole_step(img, txt, patches, cache, slot)
         out = {"contrastive": self.contrastive_loss(img, txt, scale, bias)}
         if patches is not None and patch_text:
-            out["patch_text"] = self.patch_text_loss(patches, txt, scale, bias)
+            out["patch_text"] = self.patch_text(patches, txt, scale, bias)
         if teacher_out is not None and self.use_sd:
             out["sd"] = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp) / n_slots
         if teacher_out is not None and self.use_mask:

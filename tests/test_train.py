@@ -56,6 +56,23 @@ def test_cli_overrides_and_types():
     assert (cfg.steps, cfg.lr, cfg.compile, cfg.method) == (7, 0.5, True, "silc")
 
 
+def test_patch_text_loss_on_shapes_by_default_and_from_its_start(tmp_path):
+    """The patch-text loss: weight 0.5 on the shapes world and 0 on real data unless asked for; on from
+    step int(patch_text_start * steps); absent from the log before, in the weighted total after."""
+    resolve = lambda *a: train.resolve_method_defaults(train.parse_args(list(a)))
+    assert resolve().patch_text_weight == 0.5
+    assert resolve("--data=pairs.csv").patch_text_weight == 0.0
+    assert resolve("--data=pairs.csv", "--patch_text_weight=0.2").patch_text_weight == 0.2
+    cfg = resolve()                                                      # 540 steps, start 0.3: step 162
+    assert [train.step_values(s, cfg)["patch_text"] for s in (0, 161, 162, 539)] == [False, False, True, True]
+    run_train(tmp_path / "run", "--steps=6", "--batch_size=8", "--patch_text_start=0.5")
+    recs = read_log(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert ["patch_text" in r for r in recs] == [False, False, False, True, True, True]
+    for r in recs:
+        assert r["loss"] == pytest.approx(r["contrastive"] + 0.5 * r.get("patch_text", 0.0), rel=1e-5)
+
+
 def test_cli_rejects_unknown_key(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--stepz=7"])
