@@ -11,7 +11,9 @@ Each run is a subprocess of train.py (so the ablation measures exactly what anyo
 and is read back from its metrics.json (train.py's final evaluation on the shapes data: zero-shot
 classification, image<->text retrieval R@1, zero-shot segmentation mIoU on shapes8, background
 ignored as on VOC-20, with every dense readout and their best, and shapes9 with background as a class)
-and its log.jsonl (training throughput).
+and its log.jsonl (training throughput). Every arm trains with train.py's defaults, so on the shapes world
+each one includes the patch-text loss (losses.patch_text_loss); `-- --patch_text_weight=0` compares
+the papers' losses alone.
 Then experiments/probe.py fits a dense linear probe on the run's patch features (naive and MaskCLIP trick:
 fitted on the tune split, scored on val), which tells apart "the patch features do not know the
 classes" from "they know them but do not line up with the class names" (--no_probe skips it).
