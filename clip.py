@@ -452,12 +452,24 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1)                         # [B, 1 + N', D]
         return self.ln_pre(x)
 
-    def forward(self, images, mask=None, mask_mode="token", num_masked=None):
+    def forward(self, images, mask=None, mask_mode="token", num_masked=None, patches=False):
+        """-> the image embedding [B, E] and the tokens after ln_post [B, 1 + N', D]; with patches=True
+        also the unit patch features [B, N', E] (patch_features), computed once and shared with the
+        pool="unitmean" embedding, which averages them."""
         x = self.embed(images, mask, mask_mode, num_masked)    # [B, 1 + N', D]
         for blk in self.blocks:
             x = blk(x)
         tokens = self.ln_post(x)                               # [B, 1 + N', D]
-        return self.joint_embedding(tokens), tokens           # [B, E], [B, 1 + N', D]
+        unit = self.patch_features(tokens[:, 1:]) if patches or self.pool == "unitmean" else None
+        embed = self.joint_embedding(tokens, unit)             # [B, E]
+        return (embed, tokens, unit) if patches else (embed, tokens)
+
+    def patch_features(self, patch_tokens):
+        """The unit patch features in the joint space, normalise(proj(t_p)), [B, N', D] -> [B, N', E]
+        (at least float32: bf16 under autocast is promoted): what the dense readouts (eval_seg.py)
+        compare with the words."""
+        f = self.proj(patch_tokens)                            # [B, N', E]
+        return F.normalize(f.to(torch.promote_types(f.dtype, torch.float32)), dim=-1)
 
     def pooled(self, tokens):
         """The one token that stands for the image, [B, 1+N', D] -> [B, D]: the class token (pool="cls",
@@ -468,7 +480,7 @@ class VisionTransformer(nn.Module):
         the patches. Measured on the shapes world: docs/experiments.md, "After the new stem"."""
         return tokens[:, 1:].mean(1) if self.pool in ("mean", "unitmean") else tokens[:, 0]
 
-    def joint_embedding(self, tokens):
+    def joint_embedding(self, tokens, unit=None):
         """The image embedding in the joint space, [B, 1+N', D] -> [B, E]: proj of the pooled token, or
         with pool="unitmean" the mean of the UNIT patch features, mean_p normalise(proj(t_p)).
 
@@ -477,9 +489,11 @@ class VisionTransformer(nn.Module):
         patches of large norm can carry the embedding while the others point anywhere, and the readout,
         which normalises every patch, then counts those others as much as the large ones. Measured on
         the shapes world (docs/experiments.md, "Pooling the unit patch features"): the share of object
-        patches that get their own shape's name rises from 39% (class token) to 51%."""
+        patches that get their own shape's name rises from 39% (class token) to 51%.
+        unit: patch_features(tokens[:, 1:]) when the caller has them already."""
         if self.pool == "unitmean":
-            return F.normalize(self.proj(tokens[:, 1:]), dim=-1).mean(1)      # [B, N', E] -> [B, E]
+            unit = self.patch_features(tokens[:, 1:]) if unit is None else unit
+            return unit.mean(1)                                               # [B, N', E] -> [B, E]
         return self.proj(self.pooled(tokens))
 
 

@@ -209,7 +209,7 @@ def dense_features(model, images, dense="naive"):
             x = blk(x)
         x = last_block_tricks(vit.blocks[-1], x, dense)                # [B, 1+N, D]
         patches = vit.ln_post(x[:, 1:])                                # [B, N, D]
-    feats = F.normalize(vit.proj(patches).float(), dim=-1)             # [B, N, E]
+    feats = vit.patch_features(patches)                                # [B, N, E], unit length
     return feats.reshape(B, H // p, W // p, -1)                        # [B, h, w, E]
 
 

@@ -182,6 +182,15 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
+def sigmoid_pair_sum(logits: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """SigLIP's sum over a block of logits [r, B] of -log sigmoid(z * logit), z = +1 for each row's
+    own caption (column own[row], own [r]) and -1 for every other: the one idiom behind siglip_loss
+    and the sigmoid form of patch_text_loss."""
+    z = -torch.ones_like(logits)
+    z[torch.arange(logits.shape[0], device=logits.device), own] = 1.0
+    return -F.logsigmoid(z * logits).sum()
+
+
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None) -> torch.Tensor:
     """Pairwise sigmoid loss (SigLIP) with negatives from every rank.
@@ -209,11 +218,8 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     b = img.shape[0]
     all_txt = gather_with_grad(txt)                                    # [B, E]
     logits = logit_scale * _fp32(img @ all_txt.T) + logit_bias         # [b, B], float32 (see clip_loss)
-    # z = +1 for the positive pair (local row i, global column rank * b + i), -1 elsewhere.
-    z = -torch.ones_like(logits)
-    rows = torch.arange(b, device=img.device)
-    z[rows, rows + rank * b] = 1.0
-    return -F.logsigmoid(z * logits).sum() / b
+    own = torch.arange(b, device=img.device) + rank * b               # [b]: local row i -> global column
+    return sigmoid_pair_sum(logits, own) / b
 
 
 def patch_text_loss(patches: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
@@ -255,9 +261,7 @@ def patch_text_loss(patches: torch.Tensor, txt: torch.Tensor, logit_scale: torch
     own = (torch.arange(b, device=txt.device) + rank * b).repeat_interleave(n)   # [b*N]: patch -> its caption
     if logit_bias is None:
         return F.cross_entropy(logits, own)
-    z = -torch.ones_like(logits)
-    z[torch.arange(b * n, device=txt.device), own] = 1.0
-    return -F.logsigmoid(z * (logits + logit_bias)).sum() / (b * n)
+    return sigmoid_pair_sum(logits + logit_bias, own) / (b * n)
 
 
 # --------------------------------------------------------------------------------------------

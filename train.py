@@ -134,6 +134,10 @@ class Config:
     patch_text_start: float = 0.3   # fraction of training after which it switches on (from step 0 it
                                     # slowed the contrastive loss's escape from log B: docs/experiments.md)
     # --- SILC: local-to-global self-distillation ---
+    sd_views: str = "silc"          # silc: 2 global crops (scale 0.4-1), each paired with the caption (SILC) |
+                                    # siglip2: one global view, open_clip's 0.9-1 crop, the only text-paired
+                                    # and teacher view (SigLIP 2: augmentations go to the distillation only;
+                                    # screened on silc+maskclip, not ahead on every seed: docs/experiments.md)
     n_local_crops: int = 4
     local_foreground: float = 0.0   # a local crop must be this fraction object (shapes only; 0 = any crop)
     local_colour_prob: float = 0.8  # colour jitter of the local crops: how often (DINO 0.8), and its hue
@@ -215,7 +219,8 @@ def resolve_method_defaults(cfg):
     """Fill the -1 / auto fields with the defaults of the chosen method, and check choices."""
     choices = dict(method=METHODS, loss=("softmax", "sigmoid"), mask_mode=("drop", "token", "auto"),
                    mask_kind=("random", "block"), momentum_schedule=("fixed", "cosine"),
-                   grad_clip_mode=("global", "tensor"), patch_loss=("masked", "all"), crops=("auto", "device", "workers"))
+                   grad_clip_mode=("global", "tensor"), patch_loss=("masked", "all"), crops=("auto", "device", "workers"),
+                   sd_views=("silc", "siglip2"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -301,13 +306,17 @@ def crops_on_device(cfg) -> bool:
 
 
 def train_views(cfg, patch_size):
-    """The views of the method (data.MultiCrop; the crop sizes depend on the model's patch size). SILC
-    methods get 2 global + n local crops (scale 0.4-1 / 0.05-0.4); the others one text-paired view of
-    scale 0.9-1.0 (open_clip's training crop); all share the flip."""
+    """The views of the method (data.MultiCrop; the crop sizes depend on the model's patch size). Every
+    method has a text-paired view of scale 0.9-1.0 (open_clip's training crop), except SILC's: with
+    --sd_views=silc, 2 global crops of scale 0.4-1, each paired with the caption (SILC sec. 3). The SILC
+    methods add n local crops (scale 0.05-0.4). With --sd_views=siglip2 the one global view is both the
+    text-paired view and the teacher's (SigLIP 2: 1 teacher view, the locals are the students; the
+    contrastive loss sees the image as CLIP does). All views share the flip."""
     if "silc" in cfg.method:
-        return MultiCrop(cfg.image_size, patch_size, n_global=2, n_local=cfg.n_local_crops,
-                         local_foreground=cfg.local_foreground, colour_prob=cfg.local_colour_prob,
-                         hue=cfg.local_hue, on_device=crops_on_device(cfg))
+        two = cfg.sd_views == "silc"
+        return MultiCrop(cfg.image_size, patch_size, n_global=2 if two else 1, n_local=cfg.n_local_crops,
+                         global_scale=(0.4, 1.0) if two else (0.9, 1.0), local_foreground=cfg.local_foreground,
+                         colour_prob=cfg.local_colour_prob, hue=cfg.local_hue, on_device=crops_on_device(cfg))
     return MultiCrop(cfg.image_size, patch_size, n_global=1, n_local=0, global_scale=(0.9, 1.0),
                      on_device=crops_on_device(cfg))
 
@@ -390,28 +399,29 @@ class Pretrainer(nn.Module):
             parts["patch_head"] = self.patch_head
         return nn.ModuleDict(parts)
 
-    def encode(self, batch):
+    def encode(self, batch, patch_text=True):
         """L2-normalised embeddings of every text-paired view [n_g, b, E] and of the captions [b, E],
-        the image tokens [n_g*b, 1+N, D], and (with the patch-text loss) the L2-normalised projected
-        patch features [n_g, b, N, E], None without it."""
+        the image tokens [n_g*b, 1+N, D], and (when the patch-text loss is on at this step) the unit
+        patch features [n_g, b, N, E] (clip.VisionTransformer.patch_features), None without it."""
         txt = F.normalize(self.clip.text(batch["tokens"])[0], dim=-1)          # [b, E]
         if "global_crops" in batch:
             # SILC: every global view is aligned with the caption ("otherwise the two objectives
             # diverge", SILC sec. 3). One encoder forward per resolution: globals here, locals later.
-            g = batch["global_crops"]                                           # [2, b, 3, S, S]
+            g = batch["global_crops"]                                           # [n_g, b, 3, S, S], n_g = 2 or 1
         else:
             g = batch["images"].unsqueeze(0)                                    # [1, b, 3, S, S]
         n_g, b = g.shape[:2]
-        g_emb, g_tok = self.clip.visual(g.flatten(0, 1))                       # [n_g*b, E], [n_g*b, 1+N, D]
-        patches = None
-        if self.use_patch_text:   # the dense features the evaluation reads: proj of every patch token
-            patches = F.normalize(self.clip.visual.proj(g_tok[:, 1:]), dim=-1).view(n_g, b, g_tok.shape[1] - 1, -1)
+        if self.use_patch_text and patch_text:   # the dense features the evaluation reads
+            g_emb, g_tok, patches = self.clip.visual(g.flatten(0, 1), patches=True)    # ..., [n_g*b, N, E]
+            patches = patches.view(n_g, b, *patches.shape[1:])                  # [n_g, b, N, E]
+        else:
+            (g_emb, g_tok), patches = self.clip.visual(g.flatten(0, 1)), None   # [n_g*b, E], [n_g*b, 1+N, D]
         return F.normalize(g_emb, dim=-1).view(n_g, b, -1), txt, g_tok, patches
 
     @torch.no_grad()
-    def contrastive_features(self, batch):
+    def contrastive_features(self, batch, patch_text=True):
         """encode() without gradient or tokens: what gradient accumulation caches."""
-        img, txt, _, patches = self.encode(batch)
+        img, txt, _, patches = self.encode(batch, patch_text)
         return img, txt, patches
 
     def whole_step(self, img, txt, patches, cache, slot):
@@ -482,10 +492,10 @@ class Pretrainer(nn.Module):
         image-text terms hold the whole step's value, every other term this micro-batch's share of it.
         patch_text: whether the patch-text loss is on at this step (patch_text_start)."""
         n_slots = 1 if cache is None else len(cache)
-        img, txt, g_tok, patches = self.encode(batch)
+        img, txt, g_tok, patches = self.encode(batch, patch_text)
         img, txt, patches, scale, bias = self.whole_step(img, txt, patches, cache, slot)
         out = {"contrastive": self.contrastive_loss(img, txt, scale, bias)}
-        if patches is not None and patch_text:
+        if patches is not None:
             out["patch_text"] = self.patch_text(patches, txt, scale, bias)
         if teacher_out is not None and self.use_sd:
             out["sd"] = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp) / n_slots
@@ -593,7 +603,8 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
     cache = None
     if k > 1:
         with autocast_ctx:
-            cache = [(features_fn or pretrainer.contrastive_features)(b) for b in batches]  # k x ([n_g, b, E], [b, E])
+            features = features_fn or pretrainer.contrastive_features
+            cache = [features(b, values["patch_text"]) for b in batches]  # k x ([n_g, b, E], [b, E], patches)
     if "mlm_labels" in batches[0]:
         n_mlm = sum((b["mlm_labels"] != -100).sum() for b in batches)          # the step's MLM positions
         for b in batches:

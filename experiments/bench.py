@@ -25,7 +25,8 @@ Measured per configuration:
                    the teacher runs forward only (no_grad). F_student sums every student forward:
                        text tower (at the batch's real token length: train.py trims padding)
                        clip:     F_img(S)
-                       silc:     2 F_img(S) + n_local F_img(s) + (2 + n_local) F_head
+                       silc:     n_g F_img(S) + n_local F_img(s) + (n_g + n_local) F_head
+                                 (n_g = 2 global views with --sd_views=silc, 1 with siglip2)
                        maskclip: F_img(S) + F_img(S, visible tokens only in drop mode)
                                  + F_decoder(1 + N) + N F_head  (+ F_text + F_text_decoder for MLM)
                    and F_teacher = n_global F_img(S) + the teacher's heads. Heads and decoders are
@@ -118,7 +119,7 @@ def step_flops(cfg, clip_cfg, text_len, local_size=0, n_masked=0):
     text = flops_per_text(dataclasses.replace(clip_cfg, context_length=text_len))
     img = flops_per_image(clip_cfg, image_size=S)
     head = dino_head_flops(D, cfg.head_hidden, cfg.head_bottleneck, cfg.head_out)
-    n_global = 2 if use_sd else 1                            # train.build_train_data: silc -> 2 global views
+    n_global = 2 if use_sd and cfg.sd_views == "silc" else 1  # train.train_views: SILC's views -> 2 global views
     parts = {"text": text, "image_global": n_global * img}
     teacher = {}
     if use_sd:
@@ -138,9 +139,10 @@ def step_flops(cfg, clip_cfg, text_len, local_size=0, n_masked=0):
             parts["mlm_text"] = text
             parts["mlm_decoder"] = (transformer_flops(text_len, W, cfg.text_decoder_layers, clip_cfg.mlp_ratio)
                                     + 2 * text_len * W * clip_cfg.vocab_size)
-    if cfg.patch_text_weight > 0:   # train.Pretrainer.encode projects every patch again, then each patch
-        E = clip_cfg.embed_dim      # meets all B captions (counted: N times the contrastive logits, left out)
-        parts["patch_text"] = n_global * (2 * N * D * E + 2 * N * cfg.batch_size * E)
+    if cfg.patch_text_weight > 0:   # each patch meets all B captions (counted: N times the contrastive logits,
+        E = clip_cfg.embed_dim      # left out), after its projection, which pool="unitmean" has made already
+        proj = 0 if clip_cfg.pool == "unitmean" else 2 * N * D * E
+        parts["patch_text"] = n_global * (proj + 2 * N * cfg.batch_size * E)
     student, teach = sum(parts.values()), sum(teacher.values())
     return {"student": student, "teacher": teach, "student_parts": parts, "teacher_parts": teacher,
             "step": cfg.batch_size * (3 * student + teach)}

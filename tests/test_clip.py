@@ -452,6 +452,19 @@ def test_tiny_forward_is_normalised_and_encoders_agree():
     torch.testing.assert_close(model.encode_image(images, normalize=False), raw)
     torch.testing.assert_close(model.encode_text(tokens), txt)
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-6) and bias is None
+    # patches=True: the unit patch features normalise(proj(t_p)), the same tokens and embedding; with
+    # pool="unitmean" (the tiny default) the embedding is their mean, with "cls" proj of the class token
+    for pool in ("unitmean", "cls"):
+        torch.manual_seed(0)
+        model = CLIP(small_config(pool=pool))
+        emb, tok = model.visual(images)
+        emb2, tok2, unit = model.visual(images, patches=True)
+        want = model.visual.proj(tok[:, 1:])
+        want = want / want.norm(dim=-1, keepdim=True)                  # [3, N, E]
+        torch.testing.assert_close(unit, want)
+        torch.testing.assert_close(tok2, tok)
+        torch.testing.assert_close(emb2, emb)
+        torch.testing.assert_close(emb, want.mean(1) if pool == "unitmean" else model.visual.proj(tok[:, 0]))
 
 
 def unit_mean(features):

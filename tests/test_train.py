@@ -633,6 +633,10 @@ def test_grad_accum_equals_one_batch_twice_as_large(args):
         torch.testing.assert_close(c2[n], c1[n], rtol=1e-12, atol=1e-12, msg=n)
     if pt.use_sd:
         assert c1["l2g_loss.center"].abs().sum() > 0       # the centre did move
+    # the cache holds the patch features only while the patch-text loss is on (patch_text_start)
+    n_g, N = micro[0].get("global_crops", micro[0]["images"][None]).shape[0], (cfg.image_size // clip_cfg.patch_size) ** 2
+    assert pt.contrastive_features(micro[0], True)[2].shape == (n_g, 4, N, clip_cfg.embed_dim)
+    assert pt.contrastive_features(micro[0], False)[2] is None
 
 
 def test_a_step_draws_from_no_global_generator():
@@ -835,6 +839,43 @@ def test_clip_views_control_and_patch_loss_on_all_tokens():
         ce = -(p_t * torch.log_softmax(s / 0.1, -1)).sum(-1)                       # [b, N]
         want = ce[mask].mean() if mode == "masked" else ce.mean()
         assert got.item() == pytest.approx(want.item(), rel=1e-5), mode
+
+
+def test_siglip2_views_one_text_paired_teacher_view_and_local_students():
+    """--sd_views=siglip2 (SigLIP 2, after SILC's advice): one global view, open_clip's 0.9-1 crop, is both
+    the contrastive loss's view and the teacher's only view; the n local crops are the students. Against
+    an independent computation: the contrastive and patch-text losses of that one view, and the
+    distillation loss as the mean over the local views of H(P_t(global), P_s(local)), written out."""
+    from ema import teacher_forward
+    cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup("--method=silc", "--sd_views=siglip2",
+                                                                       "--n_local_crops=3")
+    views = train.train_views(cfg, clip_cfg.patch_size)
+    assert (views.n_global, views.n_local, views.global_scale) == (1, 3, (0.9, 1.0))
+    (batch,) = loader_batches(cfg, clip_cfg, tok, dataset, collate_fn, 0, 1, 0, 1, 8)
+    assert batch["global_crops"].shape[0] == 1 and batch["local_crops"].shape[0] == 3
+    assert torch.equal(batch["images"], batch["global_crops"][0])
+    t_out = teacher_forward(teacher, batch, True, False)
+    assert len(t_out["global"]) == 1
+    out = pt(batch, t_out, 0.04)
+    nrm = torch.nn.functional.normalize
+    with torch.no_grad():
+        txt = nrm(pt.clip.text(batch["tokens"])[0], dim=-1)
+        t = pt.clip.logit_scale.exp()
+        emb, tokens = pt.clip.visual(batch["images"])
+        want = train.clip_loss(nrm(emb, dim=-1), txt, t)
+        want_pt = train.patch_text_loss(nrm(pt.clip.visual.proj(tokens[:, 1:]), dim=-1), txt, t)
+        p_t = torch.softmax((t_out["global"][0] - pt.l2g_loss.center) / 0.04, -1)        # [b, K]
+        ces = []
+        for v in range(3):
+            s_v = pt.head(pt.clip.visual.pooled(pt.clip.visual(batch["local_crops"][v])[1]))
+            ces.append(-(p_t * torch.log_softmax(s_v / cfg.student_temp, -1)).sum(-1).mean())
+        want_sd = sum(ces) / 3
+    assert out["contrastive"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert out["patch_text"].item() == pytest.approx(want_pt.item(), rel=1e-6)
+    assert out["sd"].item() == pytest.approx(want_sd.item(), rel=1e-6)
+    # the default is SILC's own views for both SILC methods (SigLIP 2's were screened, not kept)
+    assert train.resolve_method_defaults(train.Config(method="silc")).sd_views == "silc"
+    assert train.resolve_method_defaults(train.Config(method="silc+maskclip")).sd_views == "silc"
 
 
 def test_the_teacher_is_evaluated_and_checkpoints_carry_their_tokenizer(tmp_path):
