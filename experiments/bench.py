@@ -119,7 +119,7 @@ def step_flops(cfg, clip_cfg, text_len, local_size=0, n_masked=0):
     text = flops_per_text(dataclasses.replace(clip_cfg, context_length=text_len))
     img = flops_per_image(clip_cfg, image_size=S)
     head = dino_head_flops(D, cfg.head_hidden, cfg.head_bottleneck, cfg.head_out)
-    n_global = 2 if use_sd and cfg.sd_views == "silc" else 1  # train.train_views: SILC's views -> 2 global views
+    n_global = train.train_views(cfg, clip_cfg.patch_size).n_global   # the text-paired (and teacher) views
     parts = {"text": text, "image_global": n_global * img}
     teacher = {}
     if use_sd:

@@ -34,16 +34,16 @@ def test_dino_head_flops_by_hand():
     assert bench.dino_head_flops(10, 20, 5, 7, nlayers=1) == 2 * (50 + 35)
 
 
-@pytest.mark.parametrize("method", train.METHODS)
-def test_step_flops_match_torch_flop_counter(method):
+@pytest.mark.parametrize("method,sd_views", [(m, "silc") for m in train.METHODS] + [("silc+maskclip", "siglip2")])
+def test_step_flops_match_torch_flop_counter(method, sd_views):
     """Forward FLOPs of the student and the teacher, counted by torch (math attention, so that
     the attention matmuls are visible to the counter), equal step_flops' formula; the backward
-    costs about twice the forward, which is the x3 of F_step."""
+    costs about twice the forward, which is the x3 of F_step. SigLIP 2's views: one global view."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from ema import make_teacher, teacher_forward
-    cfg = train.resolve_method_defaults(train.Config(method=method, **SMALL))
+    cfg = train.resolve_method_defaults(train.Config(method=method, sd_views=sd_views, **SMALL))
     clip_cfg, tokenizer = train.build_model_config(cfg)
     batch = bench.make_batches(cfg, clip_cfg, tokenizer, 1, torch.device("cpu"), trim=True)[0]
     torch.manual_seed(0)
