@@ -394,13 +394,22 @@ def update_center_(center: torch.Tensor, stats: torch.Tensor, momentum: float) -
 
 
 @torch.no_grad()
-def teacher_entropy(teacher_logits, center, temp) -> torch.Tensor:
-    """Mean entropy (nats) of the centred, sharpened teacher distribution softmax((t - c) / tau_t),
-    a list of [b, K]: near 0 means collapse onto one prototype, near log K a uniform (uninformative)
-    teacher. Centring pushes it up, sharpening down; DINO needs both. Returned as a tensor (no sync)."""
+def teacher_entropy(teacher_logits, center, temp) -> tuple[torch.Tensor, torch.Tensor]:
+    """How informative the centred, sharpened teacher P_t = softmax((t - c) / tau_t) is; teacher_logits
+    a list of [b, K]. -> (mean over rows of H(P_t), H(mean over the GLOBAL batch of P_t)), in nats.
+    DINO has two ways to fail, and the pair tells them apart (log K: uniform, 0: one prototype):
+      uniform:        both near log K: every image gets the same flat target, nothing to learn;
+      one prototype:  both near 0: every image gets the same sharp target;
+      healthy:        the first low (each image's target is sharp), the second high (images differ).
+    Between the last two, exp(second) is about how many prototypes the batch's targets use.
+    The batch's mean P_t is all-reduced over ranks, so the second number is the global batch's (the
+    first is this rank's mean; the log averages it over ranks). Returned as tensors (no host sync)."""
     t = torch.cat(teacher_logits).float()
-    p = F.softmax((t - center) / temp, dim=-1)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+    p = F.softmax((t - center) / temp, dim=-1)                                  # [rows, K]
+    per_row = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+    stats = _all_reduce_sum(torch.cat([p.sum(0), p.new_tensor([p.shape[0]])]))  # [K + 1]: sum and count
+    p_mean = stats[:-1] / stats[-1]                                             # [K]
+    return per_row, -(p_mean * torch.log(p_mean.clamp_min(1e-12))).sum()
 
 
 # --------------------------------------------------------------------------------------------

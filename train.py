@@ -630,12 +630,14 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
         if name in stats:
             getattr(pretrainer, loss).update_center(stats[name])
     terms["loss"] = sum(pretrainer.weights[name] * v for name, v in terms.items() if name in pretrainer.weights)
-    if distill:
+    if distill:   # how informative the teacher is (losses.teacher_entropy), on the step's last micro-batch
         terms["teacher_temp"] = t_temp                                           # a float: the same on every rank
         if pretrainer.use_sd:
-            terms["teacher_entropy"] = teacher_entropy(t_out["global"], pretrainer.l2g_loss.center, t_temp)
+            terms["teacher_entropy"], terms["teacher_entropy_batch"] = teacher_entropy(
+                t_out["global"], pretrainer.l2g_loss.center, t_temp)
         if pretrainer.use_mask:        # MaskCLIP's patch codes: near log K = nothing to distil
-            terms["patch_entropy"] = teacher_entropy([t_out["patch"].flatten(0, 1)], pretrainer.mask_loss.center, t_temp)
+            terms["patch_entropy"], terms["patch_entropy_batch"] = teacher_entropy(
+                [t_out["patch"].flatten(0, 1)], pretrainer.mask_loss.center, t_temp)
     return terms
 
 

@@ -24,6 +24,7 @@ from eval_seg import DISTINCT_COLOURS
 # overlays several runs): one panel per quantity, step on x, every run in its own colour.
 CURVE_KEYS = (
     "contrastive", "sd", "dist", "mlm", "lr",                            # training records (every log_interval)
+    "teacher_entropy", "teacher_entropy_batch",                          # SILC's teacher: uniform, collapsed or neither
     "zeroshot_top1", "zeroshot_top5", "val_i2t_r1", "val_t2i_r1", "val_contrastive",   # real-data evaluation
     "zeroshot_acc", "i2t_r1", "t2i_r1", "val_loss", "shapes8_best",      # the shapes evaluation
     "teacher_zeroshot_top1", "teacher_zeroshot_acc", "teacher_shapes8_best",

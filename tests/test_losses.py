@@ -233,6 +233,26 @@ def test_ddp_tempting_alternatives_behave_as_the_docstring_says(ddp):
     assert rel_err(g) < 1e-4
 
 
+def test_teacher_entropy_per_image_and_of_the_batch_by_hand():
+    """losses.teacher_entropy against a hand-worked case, K = 2, tau = 1, centre (0, log 3):
+    row (0, log 3) centres to (0, 0): P = (1/2, 1/2), H = log 2; row (log 3, log 3) centres to
+    (log 3, 0): P = (3/4, 1/4), H = log 4 - (3/4) log 3. The batch mean is (5/8, 3/8)."""
+    l3 = math.log(3)
+    t = torch.tensor([[0.0, l3], [l3, l3]], dtype=torch.float64)
+    center = torch.tensor([[0.0, l3]], dtype=torch.float64)
+    per_row, batch = losses.teacher_entropy([t[:1], t[1:]], center, 1.0)    # a list of views, as train.py
+    assert per_row.item() == pytest.approx((math.log(2) + math.log(4) - 0.75 * l3) / 2, rel=1e-6)
+    assert batch.item() == pytest.approx(-(5 / 8) * math.log(5 / 8) - (3 / 8) * math.log(3 / 8), rel=1e-6)
+    # the two collapses: every row alike gives both entropies equal (uniform when t = c)
+    same = torch.zeros(5, 4)
+    u, b = losses.teacher_entropy([same], torch.zeros(1, 4), 0.04)
+    assert u.item() == pytest.approx(math.log(4), rel=1e-6) and b.item() == pytest.approx(math.log(4), rel=1e-6)
+    # rows sharp on different prototypes: each row ~0 nats, the batch log 2 (two prototypes used)
+    sharp = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    u, b = losses.teacher_entropy([sharp], torch.zeros(1, 2), 0.01)
+    assert u.item() < 1e-6 and b.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
 def naive_l2g(student, teacher, center, tt, ts):
     """Mean over (q, v != q) of the batch-mean soft cross-entropy, python floats."""
     terms = []

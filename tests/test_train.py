@@ -276,6 +276,12 @@ def test_every_method_under_torchrun_equals_one_process(ddp_runs, case):
             scale = ref[name].abs().max().item()
             torch.testing.assert_close(got[name], ref[name], rtol=0, atol=rel * scale + floor, msg=name)
     assert_same_run(one, two, atol=max(atol, 2e-6), params_atol=atol)   # the log rounds to 6 decimals
+    # the teacher's entropies: per image (averaged over ranks) and of the batch's mean target (all-reduced).
+    # They describe the step's LAST micro-batch, which grad_accum makes a different set of images per world size
+    accum = "--grad_accum=2" in next(c for c in DDP_CASES if c["name"] == case).get("ddp_args", [])
+    for ra, rb in zip(read_log(one), read_log(two)) if not accum else ():
+        for k in ("teacher_entropy", "teacher_entropy_batch", "patch_entropy", "patch_entropy_batch"):
+            assert (k in ra) == (k in rb) and ra.get(k, 0.0) == pytest.approx(rb.get(k, 0.0), abs=1e-5), (k, ra, rb)
 
 
 def test_ddp_gradients_fill_their_buckets_without_a_layout_copy(ddp_runs):
@@ -503,9 +509,12 @@ def test_silc_teacher_neither_collapses_nor_goes_uniform(tmp_path):
     run_train(tmp_path / "silc", "--method=silc", "--steps=30", "--batch_size=16", "--n_local_crops=2",
               "--warmup_steps=5", "--lr=1e-3")
     ent = [r["teacher_entropy"] for r in read_log(tmp_path / "silc")]
+    batch = [r["teacher_entropy_batch"] for r in read_log(tmp_path / "silc")]
     log_k = math.log(64)
     assert len(ent) == 30
     assert all(0.1 * log_k < h < 0.97 * log_k for h in ent), ent
+    # entropy is concave: the batch's mean target is at least as spread as the mean image's
+    assert all(h <= hb + 1e-5 <= log_k + 1e-5 for h, hb in zip(ent, batch)), (ent, batch)
     # and the centring + sharpening let it move: the teacher is not stuck at its initial entropy
     assert max(ent) - min(ent) > 0.05, ent
 
