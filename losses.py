@@ -404,12 +404,12 @@ def teacher_entropy(teacher_logits, center, temp) -> tuple[torch.Tensor, torch.T
     Between the last two, exp(second) is about how many prototypes the batch's targets use.
     The batch's mean P_t is all-reduced over ranks, so the second number is the global batch's (the
     first is this rank's mean; the log averages it over ranks). Returned as tensors (no host sync)."""
+    def entropy(q):                                                             # [..., K] -> [...]
+        return -(q * torch.log(q.clamp_min(1e-12))).sum(-1)
     t = torch.cat(teacher_logits).float()
     p = F.softmax((t - center) / temp, dim=-1)                                  # [rows, K]
-    per_row = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
-    stats = _all_reduce_sum(torch.cat([p.sum(0), p.new_tensor([p.shape[0]])]))  # [K + 1]: sum and count
-    p_mean = stats[:-1] / stats[-1]                                             # [K]
-    return per_row, -(p_mean * torch.log(p_mean.clamp_min(1e-12))).sum()
+    stats = _all_reduce_sum(center_stats(p))                                    # [K + 1]: global sum and count
+    return entropy(p).mean(), entropy(stats[:-1] / stats[-1])
 
 
 # --------------------------------------------------------------------------------------------

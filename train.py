@@ -592,6 +592,11 @@ class NonFiniteLoss(RuntimeError):
     """The step's loss is not finite on some rank; raised on every rank, before any update."""
 
 
+def is_log_step(step, cfg):
+    """Whether step (0-based) writes a log.jsonl record: every log_interval-th step, and the last one."""
+    return (step + 1) % cfg.log_interval == 0 or step == cfg.steps - 1
+
+
 def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocast_ctx=contextlib.nullcontext(),
                          world=1, features_fn=None):
     """Forward and backward over this rank's micro-batches of one step -> its loss terms. The
@@ -616,7 +621,7 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
         with (contextlib.nullcontext() if j == k - 1 or world == 1 else model.no_sync()):
             with autocast_ctx:
                 out = model(batch, t_out, t_temp, cache, j, values["patch_text"])
-            if cfg.log_grad_norms and world == 1 and j == 0 and (step + 1) % cfg.log_interval == 0:
+            if cfg.log_grad_norms and world == 1 and j == 0 and is_log_step(step, cfg):
                 terms.update(objective_grad_norms(out, pretrainer))
             out["loss"].backward()
         for name, v in out.items():
@@ -630,8 +635,11 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
         if name in stats:
             getattr(pretrainer, loss).update_center(stats[name])
     terms["loss"] = sum(pretrainer.weights[name] * v for name, v in terms.items() if name in pretrainer.weights)
-    if distill:   # how informative the teacher is (losses.teacher_entropy), on the step's last micro-batch
+    if distill:
         terms["teacher_temp"] = t_temp                                           # a float: the same on every rank
+    # How informative the teacher is (losses.teacher_entropy), on the step's last micro-batch. Only on logged
+    # steps: it costs a softmax over K for every teacher patch and, under DDP, a collective.
+    if distill and is_log_step(step, cfg):
         if pretrainer.use_sd:
             terms["teacher_entropy"], terms["teacher_entropy_batch"] = teacher_entropy(
                 t_out["global"], pretrainer.l2g_loss.center, t_temp)
@@ -897,7 +905,7 @@ def main(argv=None):
             cleanup(world, owned)
             sys.exit(1)
         samples_since += cfg.batch_size
-        if (step + 1) % cfg.log_interval == 0 or step == cfg.steps - 1:
+        if is_log_step(step, cfg):
             rec = log_record(step + 1, terms, skipped, world, samples_since / (time.time() - t_last),
                              pretrainer.clip.logit_scale.exp().item())
             t_last, samples_since = time.time(), 0
