@@ -299,10 +299,17 @@ class DINOHead(nn.Module):
         # Prototypes [K, bottleneck]; only their directions matter (rows are normalised).
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1)                           # [..., bottleneck]
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit bottleneck feature [..., bottleneck]: what the prototypes are compared with."""
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def prototype_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Unit bottleneck features [..., bottleneck] -> cosines with the K prototypes [..., K]."""
         w = F.normalize(self.last_layer.weight, dim=-1)                # [K, bottleneck], unit rows
-        return F.linear(x, w)                                          # [..., K]
+        return F.linear(z, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prototype_logits(self.embed(x))                    # [..., K]
 
     def cancel_last_layer_grad(self) -> None:
         """Drop the prototypes' gradient (call after backward, before optimizer.step).
@@ -368,6 +375,39 @@ class LocalToGlobalLoss(nn.Module):
         """c <- m c + (1 - m) * (global-batch mean of the teacher logits over all views);
         stats: `center_stats` of this rank's teacher logits of the step."""
         update_center_(self.center, stats, self.center_momentum)
+
+
+def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo spread term (Sablayrolles et al. 2019, "Spreading vectors for similarity search";
+    DINOv2, Oquab et al. 2023, uses it with weight 0.1):
+        L = -(1/B) sum_i log(d_i),   d_i = min over j != i of ||z_i - z_j||,
+    for unit vectors z [b, d] of this rank, the minimum taken over the GLOBAL batch. It is the
+    Kozachenko-Leonenko entropy estimate of the batch's distribution on the sphere, up to constants:
+    it grows without bound as two images land on the same point, so it keeps images apart.
+
+    Why SILC can use it here: the centred teacher P_t = softmax((t - c) / tau_t) is uniform exactly
+    when every image's bottleneck feature is the same point (then t - c is the same for every k), and
+    at CPU scale the pooled teacher sits there for most of a run (docs/experiments.md). DINOv2 puts the
+    term on the backbone's class token; we put it on the head's unit bottleneck, the vector whose spread
+    the teacher's codes need. The nearest neighbour is chosen without gradient (it is an argmin); the
+    distance to it carries the gradient, with eps under the root so identical rows give a finite one.
+    Under DDP each rank scores its own rows against the gathered batch (gather_with_grad, as the local
+    contrastive loss does), so the mean over ranks is the global-batch loss."""
+    if z.dim() != 2 or z.shape[0] < 1:
+        raise ValueError(f"expected unit features [b, d] with b >= 1, got {tuple(z.shape)}")
+    rank, _ = _world()
+    z = _fp32(z)
+    all_z = gather_with_grad(z)                                         # [B, d]
+    if all_z.shape[0] < 2:
+        raise ValueError("KoLeo needs at least two rows in the global batch")
+    b = z.shape[0]
+    with torch.no_grad():
+        sim = z @ all_z.T                                               # [b, B]
+        own = torch.arange(b, device=z.device) + rank * b
+        sim[torch.arange(b, device=z.device), own] = -float("inf")     # a row is not its own neighbour
+        nearest = sim.argmax(dim=1)                                     # [b]: max cosine = min distance
+    d = torch.sqrt(((z - all_z[nearest]) ** 2).sum(-1) + eps)          # [b]
+    return -torch.log(d).mean()
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ from loaders.pretrained import config_from_checkpoint, load_pretrained_into
 from loaders.shapes import SHAPES_VOCABULARY, world_from_config
 from loaders.templates import get_templates
 from losses import (DINOHead, LocalToGlobalLoss, MaskedDistillLoss, MaskedPatchDecoder, TextMLMDecoder,
-                    center_stats, clip_loss, mlm_loss, patch_text_loss, siglip_loss, teacher_entropy)
+                    center_stats, clip_loss, koleo_loss, mlm_loss, patch_text_loss, siglip_loss, teacher_entropy)
 from masking import num_masked, sample_generator, sample_masks, sample_mlm
 
 
@@ -144,6 +144,8 @@ class Config:
     local_hue: float = 0.1          # range in turns (DINO 0.1; 0.5 = any hue: a local crop's colour says nothing)
     sd_weight: float = 1.0          # w_sd in L = L_con + w_sd * L_sd
     sd_start: float = 0.0           # fraction of training after which self-distillation switches on
+    koleo_weight: float = 0.0       # w_ko: KoLeo spread of the student head's global-view features
+                                    # (losses.koleo_loss; DINOv2: 0.1); 0 = off, SILC as published
     head_hidden: int = 512          # DINO head sizes (DINO, B/16: 2048 / 256 / 65536)
     head_bottleneck: int = 32       # 32, not DINO's 256, and teacher_temp 0.04 fixed, not DINO's 0.04 -> 0.07:
     head_out: int = 1024            # K prototypes.  with DINO's values the CPU-scale teacher stayed near
@@ -388,7 +390,7 @@ class Pretrainer(nn.Module):
                 self.text_decoder = TextMLMDecoder(clip_cfg.text_width, clip_cfg.text_heads, clip_cfg.vocab_size,
                                                    clip_cfg.pad_token_id, num_layers=cfg.text_decoder_layers)
         self.weights = {"contrastive": 1.0, "sd": cfg.sd_weight, "dist": cfg.dist_weight, "mlm": cfg.mlm_weight,
-                        "patch_text": cfg.patch_text_weight}
+                        "patch_text": cfg.patch_text_weight, "koleo": cfg.koleo_weight}
 
     def image_student(self):
         """The modules the EMA teacher copies: image encoder + heads (the text tower has no teacher)."""
@@ -454,14 +456,19 @@ class Pretrainer(nn.Module):
 
     def local_to_global_loss(self, batch, g_tok, teacher_out, teacher_temp):
         """SILC: the student's pooled token of EVERY view (global and local) must predict the
-        teacher's distribution on each OTHER global view."""
+        teacher's distribution on each OTHER global view. -> (that loss, the KoLeo spread of the
+        global views' unit head features, mean over views; None when koleo_weight is 0)."""
         n_g = batch["global_crops"].shape[0]
-        student = list(self.head(self.clip.visual.pooled(g_tok)).chunk(n_g))   # n_g x [b, K]
+        z = self.head.embed(self.clip.visual.pooled(g_tok))                    # [n_g*b, bottleneck]
+        student = list(self.head.prototype_logits(z).chunk(n_g))              # n_g x [b, K]
+        koleo = None
+        if self.cfg.koleo_weight > 0:   # per view, as DINOv2: two crops of one image are not neighbours to avoid
+            koleo = sum(koleo_loss(zv) for zv in z.chunk(n_g)) / n_g
         if batch.get("local_crops") is not None and batch["local_crops"].shape[0] > 0:
             l = batch["local_crops"]                                            # [n, b, 3, s, s]
             _, l_tok = self.clip.visual(l.flatten(0, 1))
             student += list(self.head(self.clip.visual.pooled(l_tok)).chunk(l.shape[0]))
-        return self.l2g_loss(student, teacher_out["global"], teacher_temp)
+        return self.l2g_loss(student, teacher_out["global"], teacher_temp), koleo
 
     def masked_loss(self, batch, teacher_out, teacher_temp, n_slots=1):
         """MaskCLIP: a SECOND student forward on the masked first view; the decoder predicts the
@@ -498,7 +505,10 @@ class Pretrainer(nn.Module):
         if patches is not None:
             out["patch_text"] = self.patch_text(patches, txt, scale, bias)
         if teacher_out is not None and self.use_sd:
-            out["sd"] = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp) / n_slots
+            sd, koleo = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp)
+            out["sd"] = sd / n_slots
+            if koleo is not None:   # over this micro-batch (all ranks' rows), a share like sd's
+                out["koleo"] = koleo / n_slots
         if teacher_out is not None and self.use_mask:
             out["dist"] = self.masked_loss(batch, teacher_out, teacher_temp, n_slots)
             if self.cfg.mlm_weight > 0:
