@@ -392,7 +392,8 @@ def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     the teacher's codes need. The nearest neighbour is chosen without gradient (it is an argmin); the
     distance to it carries the gradient, with eps under the root so identical rows give a finite one.
     Under DDP each rank scores its own rows against the gathered batch (gather_with_grad, as the local
-    contrastive loss does), so the mean over ranks is the global-batch loss."""
+    contrastive loss does), so the mean over ranks is the global-batch loss and torchrun trains as one
+    process does (DINOv2 takes the neighbours within each GPU's batch instead)."""
     if z.dim() != 2 or z.shape[0] < 1:
         raise ValueError(f"expected unit features [b, d] with b >= 1, got {tuple(z.shape)}")
     rank, _ = _world()

@@ -144,8 +144,11 @@ class Config:
     local_hue: float = 0.1          # range in turns (DINO 0.1; 0.5 = any hue: a local crop's colour says nothing)
     sd_weight: float = 1.0          # w_sd in L = L_con + w_sd * L_sd
     sd_start: float = 0.0           # fraction of training after which self-distillation switches on
-    koleo_weight: float = 0.0       # w_ko: KoLeo spread of the student head's global-view features
-                                    # (losses.koleo_loss; DINOv2: 0.1); 0 = off, SILC as published
+    koleo_weight: float = -1.0      # w_ko: KoLeo spread of the student head's global-view features, mean
+                                    # over the views (losses.koleo_loss; DINOv2: 0.1 per view on the class
+                                    # token, summed over its 2 views). -1 = method default: 0.1 for
+                                    # silc+maskclip (it takes the pooled teacher out of the uniform regime:
+                                    # docs/experiments.md), 0 for silc (as published); 0 = off
     head_hidden: int = 512          # DINO head sizes (DINO, B/16: 2048 / 256 / 65536)
     head_bottleneck: int = 32       # 32, not DINO's 256, and teacher_temp 0.04 fixed, not DINO's 0.04 -> 0.07:
     head_out: int = 1024            # K prototypes.  with DINO's values the CPU-scale teacher stayed near
@@ -184,6 +187,10 @@ class Config:
 
 
 METHODS = ("clip", "silc", "maskclip", "silc+maskclip")
+# The terms that compare rows across the batch: under gradient accumulation every micro-batch computes them
+# on the whole step's (cached) rows with its own slot live (Pretrainer.whole_step), so each holds the
+# whole step's value; every other term is a per-sample mean, and each micro-batch holds its share of it.
+WHOLE_STEP_TERMS = ("contrastive", "patch_text", "koleo")
 
 
 def parse_args(argv):
@@ -235,6 +242,8 @@ def resolve_method_defaults(cfg):
         cfg.dist_weight = 0.25 if both else 0.05        # SigLIP 2: 1 and 0.25; MaskCLIP: lambda = 0.05
     if cfg.mlm_weight < 0:
         cfg.mlm_weight = 0.0 if both else 0.05          # MaskCLIP: beta = 0.05; SigLIP 2 has no MLM
+    if cfg.koleo_weight < 0:
+        cfg.koleo_weight = 0.1 if both else 0.0         # DINOv2's weight; SILC and SigLIP 2 have no such term
     if cfg.patch_text_weight < 0:
         cfg.patch_text_weight = 0.5 if cfg.data == "shapes" else 0.0
     return cfg
@@ -420,22 +429,30 @@ class Pretrainer(nn.Module):
             (g_emb, g_tok), patches = self.clip.visual(g.flatten(0, 1)), None   # [n_g*b, E], [n_g*b, 1+N, D]
         return F.normalize(g_emb, dim=-1).view(n_g, b, -1), txt, g_tok, patches
 
+    def head_features(self, g_tok, n_g):
+        """SILC's head on the pooled token of the text-paired (global) views: their unit bottleneck
+        features [n_g, b, bottleneck], which the prototypes score and the KoLeo term spreads."""
+        return self.head.embed(self.clip.visual.pooled(g_tok)).view(n_g, -1, self.cfg.head_bottleneck)
+
     @torch.no_grad()
     def contrastive_features(self, batch, patch_text=True):
-        """encode() without gradient or tokens: what gradient accumulation caches."""
-        img, txt, _, patches = self.encode(batch, patch_text)
-        return img, txt, patches
+        """encode() without gradient or tokens: what gradient accumulation caches (and, with the KoLeo
+        term on, the head features it spreads over the whole step)."""
+        img, txt, g_tok, patches = self.encode(batch, patch_text)
+        z = self.head_features(g_tok, img.shape[0]) if self.use_sd and self.cfg.koleo_weight > 0 else None
+        return img, txt, patches, z
 
-    def whole_step(self, img, txt, patches, cache, slot):
+    def whole_step(self, img, txt, patches, z, cache, slot):
         """Gradient accumulation (open_clip's --accum-freq): this micro-batch's live features replace its
-        slot of the cached ones, so the image-text losses see ALL the step's pairs and only this slot's
-        gradient flows. The temperature (and SigLIP's bias) would get the whole d loss / d t in every
-        slot: they take it in the last one only. -> img [n_g, k*b, E], txt [k*b, E], patches, scale, bias."""
+        slot of the cached ones, so the batch-level losses (image-text, KoLeo) see ALL the step's rows and
+        only this slot's gradient flows; summed over the slots, that is the whole step's gradient. The
+        temperature (and SigLIP's bias) would get the whole d loss / d t in every slot: they take it in
+        the last one only. -> img [n_g, k*b, E], txt [k*b, E], patches, z [n_g, k*b, bottleneck], scale, bias."""
         scale, bias = self.clip.logit_scale.exp(), self.clip.logit_bias
         if cache is None:
-            return img, txt, patches, scale, bias
+            return img, txt, patches, z, scale, bias
         merged = []
-        for i, live in enumerate((img, txt, patches)):
+        for i, live in enumerate((img, txt, patches, z)):
             parts = [c[i] for c in cache]
             parts[slot] = live
             merged.append(None if live is None else torch.cat(parts, dim=0 if i == 1 else 1))
@@ -454,21 +471,16 @@ class Pretrainer(nn.Module):
         bias = bias if self.cfg.loss == "sigmoid" else None
         return sum(patch_text_loss(patches[v], txt, scale, bias) for v in range(patches.shape[0])) / patches.shape[0]
 
-    def local_to_global_loss(self, batch, g_tok, teacher_out, teacher_temp):
+    def local_to_global_loss(self, batch, z, teacher_out, teacher_temp):
         """SILC: the student's pooled token of EVERY view (global and local) must predict the
-        teacher's distribution on each OTHER global view. -> (that loss, the KoLeo spread of the
-        global views' unit head features, mean over views; None when koleo_weight is 0)."""
-        n_g = batch["global_crops"].shape[0]
-        z = self.head.embed(self.clip.visual.pooled(g_tok))                    # [n_g*b, bottleneck]
-        student = list(self.head.prototype_logits(z).chunk(n_g))              # n_g x [b, K]
-        koleo = None
-        if self.cfg.koleo_weight > 0:   # per view, as DINOv2: two crops of one image are not neighbours to avoid
-            koleo = sum(koleo_loss(zv) for zv in z.chunk(n_g)) / n_g
+        teacher's distribution on each OTHER global view. z: the global views' head features
+        [n_g, b, bottleneck] (head_features) of this micro-batch."""
+        student = list(self.head.prototype_logits(z))                          # n_g x [b, K]
         if batch.get("local_crops") is not None and batch["local_crops"].shape[0] > 0:
             l = batch["local_crops"]                                            # [n, b, 3, s, s]
             _, l_tok = self.clip.visual(l.flatten(0, 1))
             student += list(self.head(self.clip.visual.pooled(l_tok)).chunk(l.shape[0]))
-        return self.l2g_loss(student, teacher_out["global"], teacher_temp), koleo
+        return self.l2g_loss(student, teacher_out["global"], teacher_temp)
 
     def masked_loss(self, batch, teacher_out, teacher_temp, n_slots=1):
         """MaskCLIP: a SECOND student forward on the masked first view; the decoder predicts the
@@ -495,20 +507,22 @@ class Pretrainer(nn.Module):
 
     def forward(self, batch, teacher_out=None, teacher_temp=0.07, cache=None, slot=0, patch_text=True):
         """A micro-batch (prepare_batch) and the teacher's logits (None while distillation is off) ->
-        the scalar losses, and "loss", their sum with self.weights. cache, slot: see whole_step; the two
-        image-text terms hold the whole step's value, every other term this micro-batch's share of it.
-        patch_text: whether the patch-text loss is on at this step (patch_text_start)."""
+        the scalar losses, and "loss", their sum with self.weights. cache, slot: see whole_step; the
+        batch-level terms (WHOLE_STEP_TERMS) hold the whole step's value, every other term this
+        micro-batch's share of it. patch_text: whether the patch-text loss is on at this step (patch_text_start)."""
         n_slots = 1 if cache is None else len(cache)
         img, txt, g_tok, patches = self.encode(batch, patch_text)
-        img, txt, patches, scale, bias = self.whole_step(img, txt, patches, cache, slot)
+        z = self.head_features(g_tok, img.shape[0]) if teacher_out is not None and self.use_sd else None
+        koleo_on = z is not None and self.cfg.koleo_weight > 0
+        img, txt, patches, z_step, scale, bias = self.whole_step(img, txt, patches, z if koleo_on else None,
+                                                                 cache, slot)
         out = {"contrastive": self.contrastive_loss(img, txt, scale, bias)}
         if patches is not None:
             out["patch_text"] = self.patch_text(patches, txt, scale, bias)
-        if teacher_out is not None and self.use_sd:
-            sd, koleo = self.local_to_global_loss(batch, g_tok, teacher_out, teacher_temp)
-            out["sd"] = sd / n_slots
-            if koleo is not None:   # over this micro-batch (all ranks' rows), a share like sd's
-                out["koleo"] = koleo / n_slots
+        if z is not None:
+            out["sd"] = self.local_to_global_loss(batch, z, teacher_out, teacher_temp) / n_slots
+        if koleo_on:   # each global view on its own (as DINOv2): two crops of one image are not neighbours to avoid
+            out["koleo"] = sum(koleo_loss(zv) for zv in z_step) / z_step.shape[0]
         if teacher_out is not None and self.use_mask:
             out["dist"] = self.masked_loss(batch, teacher_out, teacher_temp, n_slots)
             if self.cfg.mlm_weight > 0:
@@ -619,7 +633,7 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
     if k > 1:
         with autocast_ctx:
             features = features_fn or pretrainer.contrastive_features
-            cache = [features(b, values["patch_text"]) for b in batches]  # k x ([n_g, b, E], [b, E], patches)
+            cache = [features(b, values["patch_text"]) for b in batches]  # k x ([n_g, b, E], [b, E], patches, z)
     if "mlm_labels" in batches[0]:
         n_mlm = sum((b["mlm_labels"] != -100).sum() for b in batches)          # the step's MLM positions
         for b in batches:
@@ -635,9 +649,9 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
                 terms.update(objective_grad_norms(out, pretrainer))
             out["loss"].backward()
         for name, v in out.items():
-            if name != "loss":    # the image-text terms: the whole step's value in every slot; the rest: shares
+            if name != "loss":    # the batch-level terms: the whole step's value in every slot; the rest: shares
                 v = v.detach().to(torch.promote_types(v.dtype, torch.float32))      # bf16 -> float32
-                terms[name] = v + (terms.get(name, 0.0) if name not in ("contrastive", "patch_text") else 0.0)
+                terms[name] = v + (terms.get(name, 0.0) if name not in WHOLE_STEP_TERMS else 0.0)
         for name, logits in (("sd", (t_out or {}).get("global")), ("dist", (t_out or {}).get("patch"))):
             if logits is not None:
                 stats[name] = stats.get(name, 0.0) + center_stats(logits)

@@ -117,6 +117,11 @@ def worker(rank, out_dir):
         out[name + "_loss"], out[name + "_grads"] = ddp_grads(
             lambda p, t, s, bias: losses.patch_text_loss(p, t, s, bias), patch_shard, with_bias)
 
+    # 0b. koleo_loss on the toy's unit image features; the text side and temperature enter with weight 0
+    #     so that DDP sees every parameter used
+    out["koleo_loss"], out["koleo_grads"] = ddp_grads(
+        lambda i, t, s, bias: losses.koleo_loss(i) + 0.0 * (t.sum() + s), shard, with_bias=False)
+
     # 1. the contrastive losses, and the alternatives the docstring warns about
     cases = {
         "clip": lambda i, t, s, bias: losses.clip_loss(i, t, s),

@@ -217,6 +217,59 @@ def test_ddp_patch_text_gradient_equals_single_process_global_batch(ddp, kind):
             torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
 
 
+def naive_koleo(z):
+    """-mean_i log min_{j != i} ||z_i - z_j||, by a double loop over rows (no eps)."""
+    total = 0.0
+    for i in range(z.shape[0]):
+        total = total - torch.log(min((z[i] - z[j]).norm() for j in range(z.shape[0]) if j != i))
+    return total / z.shape[0]
+
+
+def test_koleo_hand_worked_square_and_naive_loop():
+    # Four unit vectors at the corners of a square in the plane: each one's nearest neighbour is at
+    # distance sqrt(2), so L = -log sqrt(2) = -0.5 log 2.
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    assert losses.koleo_loss(square).item() == pytest.approx(-0.5 * math.log(2), abs=1e-7)
+    # Random unit rows in float64: value and gradient equal the double loop (the eps under the root
+    # moves them by ~1e-8 relative at these distances).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    got, ref = losses.koleo_loss(F.normalize(x, dim=-1)), naive_koleo(F.normalize(ref_x, dim=-1))
+    got.backward(), ref.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-7)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-9)
+    # Two identical rows: a large but finite loss and gradient (eps), not inf / nan.
+    twin = F.normalize(torch.tensor([[1.0, 2.0], [1.0, 2.0], [-3.0, 1.0]]), dim=-1).requires_grad_(True)
+    loss = losses.koleo_loss(twin)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(twin.grad).all() and loss.item() > 5
+    with pytest.raises(ValueError, match="two rows"):
+        losses.koleo_loss(torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"\[b, d\]"):
+        losses.koleo_loss(torch.ones(2, 3, 4))
+
+
+def test_ddp_koleo_equals_single_process_global_batch(ddp):
+    # Each rank scores its own rows against the gathered batch: the mean over ranks is the
+    # one-process loss, and DDP's averaged gradient is its gradient (nearest neighbours across ranks).
+    import ddp_losses_worker as w
+    data = w.make_problem()
+    model = w.make_model(with_bias=False)
+    img, _, _, _ = model(data["xi"], data["xt"])
+    d = torch.cdist(img.detach(), img.detach()).fill_diagonal_(float("inf"))
+    half = torch.arange(w.B) // (w.B // w.WORLD)
+    assert (half[d.argmin(1)] != half).any()        # some nearest neighbours live on the other rank
+    loss = naive_koleo(img)
+    loss.backward()
+    assert (ddp[0]["koleo_loss"] + ddp[1]["koleo_loss"]) / 2 == pytest.approx(loss.item(), rel=1e-5)
+    for rank in range(2):
+        got = ddp[rank]["koleo_grads"]
+        for name in ("img.weight", "img.bias"):
+            torch.testing.assert_close(got[name], model.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+        assert got["txt.weight"].abs().max() == 0
+
+
 def test_ddp_tempting_alternatives_behave_as_the_docstring_says(ddp):
     _, ref = single_process_grads("clip")
     enc = ["img.weight", "img.bias", "txt.weight", "txt.bias"]

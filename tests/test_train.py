@@ -167,6 +167,7 @@ DDP_CASES = [
     {"name": "silc_unitmean_float64", "args": DDP_BASE + ["--method=silc"], "float64": True},
     {"name": "maskclip_drop", "args": DDP_BASE + ["--method=maskclip", "--mask_mode=drop"]},
     {"name": "maskclip_token", "args": DDP_BASE + ["--method=maskclip", "--mask_mode=token", "--mask_kind=block"]},
+    # with its default KoLeo term, whose nearest neighbours are found over the gathered global batch
     {"name": "silc+maskclip", "args": DDP_BASE + ["--method=silc+maskclip", "--mlm_weight=0.05"]},
     # 2 ranks x 2 micro-batches against 1 process with the whole batch at once
     {"name": "silc+maskclip_accum", "args": DDP_BASE + ["--method=silc+maskclip", "--mlm_weight=0.05"],
@@ -357,11 +358,11 @@ def test_every_method_runs_and_logs_its_terms(tmp_path, method):
     run_train(tmp_path / "run", "--steps=2", "--batch_size=8", f"--method={method}", "--n_local_crops=2",
               "--mlm_weight=0.05")
     rec = read_log(tmp_path / "run")[-1]
-    for k in ("contrastive", "patch_text", "sd", "dist", "mlm", "teacher_entropy"):
+    for k in ("contrastive", "patch_text", "sd", "dist", "mlm", "koleo", "teacher_entropy"):
         assert k in rec and rec[k] == rec[k], (k, rec)   # present and not NaN
-    # the total is the weighted sum of the terms: 0.5 * patch_text + 1 * sd + 0.25 * dist + 0.05 * mlm
+    # the total is the weighted sum of the terms: 0.5 * patch_text + 1 * sd + 0.25 * dist + 0.05 * mlm + 0.1 * koleo
     assert rec["loss"] == pytest.approx(rec["contrastive"] + 0.5 * rec["patch_text"] + rec["sd"] + 0.25 * rec["dist"]
-                                        + 0.05 * rec["mlm"], rel=1e-5)
+                                        + 0.05 * rec["mlm"] + 0.1 * rec["koleo"], rel=1e-5)
 
 
 def _jpeg_shards(folder, n_shards=2, per_shard=8):
@@ -632,7 +633,8 @@ def test_grad_accum_equals_one_batch_twice_as_large(args):
         results.append((terms, grads, {n: b.clone() for n, b in model.named_buffers()}))
     (t1, g1, c1), (t2, g2, c2) = results
     assert "patch_text" in t1 and "patch_text" in t2
-    for name in ("contrastive", "patch_text", "sd", "dist", "mlm", "loss"):
+    assert ("koleo" in t1) == (args[0] == "--method=silc+maskclip")      # its default: KoLeo over the whole step
+    for name in ("contrastive", "patch_text", "sd", "dist", "mlm", "koleo", "loss"):
         if name in t1:
             assert t2[name].item() == pytest.approx(t1[name].item(), rel=1e-12, abs=1e-12), name
     assert g1.keys() == g2.keys() and "clip.logit_scale" in g1
@@ -848,6 +850,27 @@ def test_clip_views_control_and_patch_loss_on_all_tokens():
         ce = -(p_t * torch.log_softmax(s / 0.1, -1)).sum(-1)                       # [b, N]
         want = ce[mask].mean() if mode == "masked" else ce.mean()
         assert got.item() == pytest.approx(want.item(), rel=1e-5), mode
+
+
+def test_koleo_term_spreads_the_student_heads_global_views():
+    """--koleo_weight: SILC's loss gains w_ko * (mean over the two global views of the KoLeo term on the
+    student head's unit bottleneck); checked against a per-row nearest-neighbour loop. Off by default."""
+    from ema import teacher_forward
+    cfg, clip_cfg, tok, pt, teacher, dataset, collate_fn = small_setup("--method=silc", "--koleo_weight=0.1")
+    (batch,) = loader_batches(cfg, clip_cfg, tok, dataset, collate_fn, 0, 1, 0, 1, 6)
+    t_out = teacher_forward(teacher, batch, True, False)
+    out = pt(batch, t_out, 0.04)
+    with torch.no_grad():
+        want = 0.0
+        for v in range(2):
+            z = pt.head.embed(pt.clip.visual.pooled(pt.clip.visual(batch["global_crops"][v])[1]))   # [b, bottleneck]
+            nearest = [min((z[i] - z[j]).norm() for j in range(len(z)) if j != i) for i in range(len(z))]
+            want += -torch.log(torch.stack(nearest)).mean() / 2
+    assert out["koleo"].item() == pytest.approx(want.item(), rel=1e-5)
+    others = sum(pt.weights[k] * v for k, v in out.items() if k not in ("loss", "koleo"))
+    assert out["loss"].item() == pytest.approx(others.item() + 0.1 * want.item(), rel=1e-6)
+    _, _, _, pt0, teacher0, _, _ = small_setup("--method=silc")
+    assert "koleo" not in pt0(batch, teacher_forward(teacher0, batch, True, False), 0.04)
 
 
 def test_siglip2_views_one_text_paired_teacher_view_and_local_students():
