@@ -55,6 +55,8 @@ produce what the losses compare (the DINO projection head and the masked-predict
    averaged over all (q, v) pairs. Centring (c is a running mean of teacher outputs) stops one
    prototype from winning everything; sharpening (tau_t < tau_s) stops the uniform solution.
    SILC does not publish head size, K, temperatures or centre momentum: we use DINO's values.
+   `koleo_loss` (DINOv2's KoLeo term, optional) pushes each image's head feature away from its
+   nearest neighbour in the batch: if all images share one feature, the centred target is uniform.
 
 3. Masked self-distillation and masked language modelling (MaskCLIP, Dong et al. 2022,
    arXiv 2208.12262; the patch loss as in iBOT, Zhou et al. 2022). The teacher encodes the full

@@ -146,9 +146,9 @@ class Config:
     sd_start: float = 0.0           # fraction of training after which self-distillation switches on
     koleo_weight: float = -1.0      # w_ko: KoLeo spread of the student head's global-view features, mean
                                     # over the views (losses.koleo_loss; DINOv2: 0.1 per view on the class
-                                    # token, summed over its 2 views). -1 = method default: 0.1 for
-                                    # silc+maskclip (it takes the pooled teacher out of the uniform regime:
-                                    # docs/experiments.md), 0 for silc (as published); 0 = off
+                                    # token, summed over its 2 views). -1 = method default: 0.1 for silc
+                                    # and silc+maskclip (it takes the pooled teacher out of the uniform
+                                    # regime: docs/experiments.md; SILC itself has no such term); 0 = off
     head_hidden: int = 512          # DINO head sizes (DINO, B/16: 2048 / 256 / 65536)
     head_bottleneck: int = 32       # 32, not DINO's 256, and teacher_temp 0.04 fixed, not DINO's 0.04 -> 0.07:
     head_out: int = 1024            # K prototypes.  with DINO's values the CPU-scale teacher stayed near
@@ -243,7 +243,7 @@ def resolve_method_defaults(cfg):
     if cfg.mlm_weight < 0:
         cfg.mlm_weight = 0.0 if both else 0.05          # MaskCLIP: beta = 0.05; SigLIP 2 has no MLM
     if cfg.koleo_weight < 0:
-        cfg.koleo_weight = 0.1 if both else 0.0         # DINOv2's weight; SILC and SigLIP 2 have no such term
+        cfg.koleo_weight = 0.1 if "silc" in cfg.method else 0.0   # DINOv2's weight; SILC and SigLIP 2 have no such term
     if cfg.patch_text_weight < 0:
         cfg.patch_text_weight = 0.5 if cfg.data == "shapes" else 0.0
     return cfg
