@@ -380,6 +380,7 @@ class Pretrainer(nn.Module):
         self.use_sd = "silc" in cfg.method and cfg.sd_weight > 0     # silc with sd_weight 0: SILC's views alone
         self.use_mask = "maskclip" in cfg.method
         self.use_patch_text = cfg.patch_text_weight > 0
+        self.use_koleo = self.use_sd and cfg.koleo_weight > 0          # SILC's head features, spread (koleo_loss)
         self.clip = CLIP(clip_cfg)
         if not self.use_mask or cfg.mask_mode == "drop":
             # The ViT's mask token serves mask_mode="token" only (drop mode removes hidden tokens).
@@ -439,7 +440,7 @@ class Pretrainer(nn.Module):
         """encode() without gradient or tokens: what gradient accumulation caches (and, with the KoLeo
         term on, the head features it spreads over the whole step)."""
         img, txt, g_tok, patches = self.encode(batch, patch_text)
-        z = self.head_features(g_tok, img.shape[0]) if self.use_sd and self.cfg.koleo_weight > 0 else None
+        z = self.head_features(g_tok, img.shape[0]) if self.use_koleo else None
         return img, txt, patches, z
 
     def whole_step(self, img, txt, patches, z, cache, slot):
@@ -513,7 +514,7 @@ class Pretrainer(nn.Module):
         n_slots = 1 if cache is None else len(cache)
         img, txt, g_tok, patches = self.encode(batch, patch_text)
         z = self.head_features(g_tok, img.shape[0]) if teacher_out is not None and self.use_sd else None
-        koleo_on = z is not None and self.cfg.koleo_weight > 0
+        koleo_on = z is not None and self.use_koleo
         img, txt, patches, z_step, scale, bias = self.whole_step(img, txt, patches, z if koleo_on else None,
                                                                  cache, slot)
         out = {"contrastive": self.contrastive_loss(img, txt, scale, bias)}
