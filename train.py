@@ -436,11 +436,11 @@ class Pretrainer(nn.Module):
         return self.head.embed(self.clip.visual.pooled(g_tok)).view(n_g, -1, self.cfg.head_bottleneck)
 
     @torch.no_grad()
-    def contrastive_features(self, batch, patch_text=True):
+    def contrastive_features(self, batch, patch_text=True, distill=True):
         """encode() without gradient or tokens: what gradient accumulation caches (and, with the KoLeo
-        term on, the head features it spreads over the whole step)."""
+        term on at a distillation step, the head features it spreads over the whole step)."""
         img, txt, g_tok, patches = self.encode(batch, patch_text)
-        z = self.head_features(g_tok, img.shape[0]) if self.use_koleo else None
+        z = self.head_features(g_tok, img.shape[0]) if distill and self.use_koleo else None
         return img, txt, patches, z
 
     def whole_step(self, img, txt, patches, z, cache, slot):
@@ -634,7 +634,7 @@ def accumulate_gradients(model, pretrainer, teacher, batches, step, cfg, autocas
     if k > 1:
         with autocast_ctx:
             features = features_fn or pretrainer.contrastive_features
-            cache = [features(b, values["patch_text"]) for b in batches]  # k x ([n_g, b, E], [b, E], patches, z)
+            cache = [features(b, values["patch_text"], distill) for b in batches]  # k x ([n_g, b, E], [b, E], patches, z)
     if "mlm_labels" in batches[0]:
         n_mlm = sum((b["mlm_labels"] != -100).sum() for b in batches)          # the step's MLM positions
         for b in batches:
