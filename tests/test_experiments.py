@@ -428,6 +428,40 @@ def test_shortcut_statistics_by_hand_and_a_world_that_gives_itself_away():
 
 
 # ---------------------------------------------------------------------------------------------
+# objects.py: shapes8 split by the number of shapes per image
+# ---------------------------------------------------------------------------------------------
+def test_split_by_objects_by_hand(tmp_path):
+    """Three 2 x 2 images, 3 classes, 255 = background: image 1 holds one shape; images 2 and 3 hold
+    two, and image 2's objects all got one name (merged). The per-group mIoUs, worked by hand from
+    the confusion matrices; then measure() on a real (untrained, tiny) checkpoint, whose "all" group
+    must equal eval_seg's own shapes8 mIoU on the same images."""
+    import eval_seg
+    from experiments import objects
+    from loaders.segmentation import load_dataset
+    B = 255
+    truths = [torch.tensor([[0, 0], [B, B]]), torch.tensor([[1, 2], [B, 1]]), torch.tensor([[2, 2], [0, B]])]
+    preds = [torch.tensor([[0, 1], [2, 2]]), torch.tensor([[1, 1], [0, 1]]), torch.tensor([[2, 2], [0, 0]])]
+    conf, merged, several = objects.split_by_objects(truths, preds, 3)
+    assert several == 2 and merged == 0.5
+    assert conf["1"].counts.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    assert conf["2+"].counts.tolist() == [[1, 0, 0], [0, 2, 0], [0, 1, 2]]
+    miou = {k: eval_seg.miou_from_confusion(c.counts)["miou"] for k, c in conf.items()}
+    # "1": class 0 IoU 1/2, class 1 0/1, class 2 absent. "2+": 1/1, 2/3, 2/3. "all" (the two summed):
+    # class 0 2/3, class 1 2/4 (predicted on 4 pixels, true on 2), class 2 2/3.
+    assert miou["1"] == pytest.approx(1 / 4) and miou["2+"] == pytest.approx(7 / 9)
+    assert miou["all"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+
+    train.main(["--steps=1", "--eval=False", "--batch_size=8", "--num_workers=0", f"--out_dir={tmp_path}"])
+    ckpt = os.path.join(tmp_path, "ckpt.pt")
+    r = objects.measure(ckpt, split="tune", max_images=12)
+    model, tok = eval_seg.load_model_from_checkpoint(ckpt, "cpu")
+    ref = eval_seg.evaluate_segmentation(model, tok, load_dataset("shapes8", split="tune", size=64), max_images=12,
+                                         progress=False)
+    assert r["miou_all"] == pytest.approx(ref["miou"], abs=1e-3)
+    assert r["images_1"] + r["images_2+"] == 12 and r["images_2+"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
 # linprobe.py: linear-probe and few-shot classification on frozen image embeddings
 # ---------------------------------------------------------------------------------------------
 def test_logistic_fit_equals_naive_gradient_descent():
