@@ -5,4 +5,6 @@
   ablate       the methods against each other over seeds, with paired differences, tables and charts
   probe        a dense linear probe of the patch features that zero-shot segmentation reads
   linprobe     linear-probe and few-shot classification on the frozen image embeddings
-  curves       the training curves of one or several runs (log.jsonl) in one picture"""
+  curves       the training curves of one or several runs (log.jsonl) in one picture
+  shortcut     how well colour and texture alone match a local crop to its own image (SILC's shortcut)
+  objects      shapes8 split into images with one shape and with several: where the dense errors are"""
