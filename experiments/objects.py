@@ -24,8 +24,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval_seg
@@ -61,7 +59,7 @@ def measure(ckpt, split="tune", dense="naive", max_images=None, teacher=False, d
     truths, preds = [], []
     with eval_seg.evaluation_mode(model):
         text = eval_seg.text_queries(model, tokenizer, dataset, settings, device)
-        for group in eval_seg.same_size_groups(dataset, n, 32):
+        for group in eval_seg.same_size_groups(dataset, n, settings["batch_size"]):
             _, truth, _, pred = eval_seg.segment_group(model, group, text, settings, C, None, device)
             truths += list(truth)
             preds += list(pred)
