@@ -528,8 +528,10 @@ def main(argv=None):
             if not run_probes(out, dry_run=args.dry_run, threads=threads):
                 print(f"  probe failed: see {os.path.join(out, 'train_output.txt')}")
 
-    # args.jobs threads, each waiting on one train.py subprocess at a time (1 job: in plan order)
-    with ThreadPoolExecutor(args.jobs) as pool:
+    # args.jobs threads, each waiting on one train.py subprocess at a time (1 job: in plan order).
+    # A dry run launches nothing, so it prints in plan order from one thread: from several, two
+    # commands' prints could interleave on one line.
+    with ThreadPoolExecutor(1 if args.dry_run else args.jobs) as pool:
         list(pool.map(lambda job: go(*job), plan))
     eq_steps = equal_time_steps_for(args, cmds, extra) if args.equal_time else None
     if eq_steps is not None:

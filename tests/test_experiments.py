@@ -273,6 +273,29 @@ def test_launch_sets_threads_and_jobs_flag(tmp_path):
     with pytest.raises(SystemExit):
         ablate.parse_args(["--jobs=0"])
 
+def test_dry_run_with_jobs_prints_one_command_per_line_in_plan_order(tmp_path, capsys, monkeypatch):
+    # --dry_run --jobs=2 printed from two threads, and two commands could share a line: print()
+    # writes the text and the newline separately. The stand-in widens that gap so a second thread
+    # would always land in it.
+    def slow_print_launch(cmd, out_dir, force=False, dry_run=False, threads=0):
+        assert dry_run
+        sys.stdout.write(" ".join(cmd))
+        time.sleep(0.05)
+        sys.stdout.write("\n")
+        return "dry_run"
+
+    monkeypatch.setattr(ablate, "launch", slow_print_launch)
+    ablate.main(["--dry_run", "--jobs=2", "--no_probe", "--methods=clip,silc", "--seeds=5,6,7",
+                 f"--out_root={tmp_path}"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    expected = [(m, s) for m in ("clip", "silc") for s in (5, 6, 7)]
+    assert len(lines) == len(expected)
+    for line, (m, s) in zip(lines, expected):
+        assert line.count("train.py") == 1
+        assert f"--method={m} " in line and f"--seed={s} " in line
+        assert line.endswith(os.path.join(str(tmp_path), f"{m}_s{s}"))
+
+
 # ---------------------------------------------------------------------------------------------
 # probe.py: the dense linear probe, each against an independent computation
 # ---------------------------------------------------------------------------------------------
