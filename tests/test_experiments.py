@@ -273,6 +273,7 @@ def test_launch_sets_threads_and_jobs_flag(tmp_path):
     with pytest.raises(SystemExit):
         ablate.parse_args(["--jobs=0"])
 
+
 def test_dry_run_with_jobs_prints_one_command_per_line_in_plan_order(tmp_path, capsys, monkeypatch):
     # --dry_run --jobs=2 printed from two threads, and two commands could share a line: print()
     # writes the text and the newline separately. The stand-in widens that gap so a second thread
